@@ -1,0 +1,16 @@
+"""One worker: a model, its paged KV cache and the engine that batches requests over it."""
+
+from workers.engine import Engine, EngineConfig
+from workers.llm import LLM
+from workers.outputs import CompletionOutput, RequestDelta, RequestOutput
+from workers.sampling_params import SamplingParams
+
+__all__ = [
+    "LLM",
+    "CompletionOutput",
+    "Engine",
+    "EngineConfig",
+    "RequestDelta",
+    "RequestOutput",
+    "SamplingParams",
+]

@@ -1,0 +1,170 @@
+"""The engine's asyncio face: many concurrent streams share one step loop on its own thread.
+
+The step loop owns the engine (nothing else touches it); coroutines hand it commands through a
+thread-safe inbox and receive their deltas on per-request asyncio queues. Leaving a stream early
+(a client disconnect cancels the coroutine) aborts the request, which frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from workers.engine import Engine, EngineConfig
+from workers.outputs import RequestDelta
+from workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Submit:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    priority: int
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: Engine | None = None) -> None:
+        if engine is None:
+            if config is None:
+                raise ValueError("AsyncEngine needs an EngineConfig or an Engine")
+            engine = Engine(config)
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._stats = engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="manta-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestDelta]:
+        """Streams the request's deltas; raises ValueError if the engine rejects it."""
+        if self._stopped.is_set():
+            raise RuntimeError("the engine is shut down")
+        request_id = request_id or uuid.uuid4().hex
+        sink: asyncio.Queue = asyncio.Queue()
+        self._inbox.put(
+            _Submit(request_id, prompt, params, priority, sink, asyncio.get_running_loop())
+        )
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        """The engine's stats as of its last step (safe from any thread)."""
+        return dict(self._stats)
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=10)
+
+    # -- the step loop (engine thread) ------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopped.is_set():
+            block = not engine.has_unfinished()
+            self._drain_inbox(block)
+            if not engine.has_unfinished():
+                continue
+            try:
+                deltas = engine.step()
+            except Exception as error:  # a failed step must not take the worker down
+                logger.exception("engine step failed; failing its requests")
+                self._fail_all(RuntimeError(f"engine step failed: {error}"))
+                continue
+            self._deliver(deltas)
+            self._stats = engine.stats()
+        self._fail_all(RuntimeError("the engine was shut down"))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                self._stats = self.engine.stats()
+                return
+
+    def _handle(self, item) -> None:
+        if isinstance(item, _Submit):
+            try:
+                self.engine.add_request(item.prompt, item.params, item.request_id, item.priority)
+            except Exception as error:
+                _call_in(item.loop, item.sink.put_nowait, error)
+                return
+            self._sinks[item.request_id] = (item.sink, item.loop)
+        elif item[0] == "abort":
+            self.engine.abort_request(item[1])
+            self._sinks.pop(item[1], None)
+
+    def _deliver(self, deltas: list[RequestDelta]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for delta in deltas:
+            target = self._sinks.get(delta.request_id)
+            if target is None:
+                continue
+            if delta.finished:
+                del self._sinks[delta.request_id]
+            by_loop.setdefault(target[1], []).append((target[0], delta))
+        for loop, items in by_loop.items():
+            if not _call_in(loop, _put_all, items):
+                for _, delta in items:  # nobody is listening any more
+                    self.abort(delta.request_id)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, (sink, loop) in list(self._sinks.items()):
+            self.engine.abort_request(request_id)
+            _call_in(loop, sink.put_nowait, error)
+        self._sinks.clear()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestDelta]]) -> None:
+    for sink, delta in items:
+        sink.put_nowait(delta)
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
+    """Schedule fn on the loop from this thread; False if that loop is already closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True

@@ -1,0 +1,124 @@
+"""Dynamic batching: how many tokens and sequences the next step may take.
+
+The scheduler asks a policy for each step's limits from a snapshot of the live queue, and
+reports back how long the step took. `FixedBatchingPolicy` returns constants (the usual
+engine settings, kept for comparison); `AdaptiveBatchingPolicy` fits the step time as a
+function of batch tokens and sizes prefill chunks to trade the running requests' inter-token
+latency against the waiting requests' time to first token. A learned policy implements the same
+two methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class QueueSnapshot:
+    num_running: int  # requests holding KV (decoding or mid-prefill)
+    num_waiting: int
+    num_waiting_tokens: int  # tokens the waiting requests still have to prefill
+    arrival_rate: float  # requests per second, recent average
+    num_free_blocks: int
+
+
+@dataclass(slots=True)
+class BatchLimits:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+
+
+class BatchingPolicy(ABC):
+    @abstractmethod
+    def limits(self, queue: QueueSnapshot) -> BatchLimits:
+        """Limits for the next step."""
+
+    def observe(self, num_tokens: int, num_seqs: int, seconds: float) -> None:  # noqa: B027
+        """Feedback: a step of `num_tokens` tokens over `num_seqs` sequences took `seconds`.
+        Policies that learn nothing from it keep this default."""
+
+    def describe(self) -> dict[str, float]:
+        """What the policy currently believes, for stats."""
+        return {}
+
+
+class FixedBatchingPolicy(BatchingPolicy):
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        self._limits = BatchLimits(max_num_batched_tokens, max_num_seqs)
+
+    def limits(self, queue: QueueSnapshot) -> BatchLimits:
+        return self._limits
+
+
+class StepTimeModel:
+    """Exponentially weighted least-squares fit of step seconds = overhead + per_token * tokens."""
+
+    def __init__(self, decay: float = 0.95, overhead: float = 0.005, per_token: float = 1e-4):
+        self.decay = decay
+        self.overhead, self.per_token = overhead, per_token
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1
+        self._x = d * self._x + tokens
+        self._y = d * self._y + seconds
+        self._xx = d * self._xx + tokens * tokens
+        self._xy = d * self._xy + tokens * seconds
+        var = self._xx / self._w - (self._x / self._w) ** 2
+        if var > 1.0:  # enough spread in batch sizes to separate overhead from per-token cost
+            slope = (self._xy / self._w - self._x * self._y / self._w**2) / var
+            if slope > 0:
+                self.per_token = slope
+                self.overhead = max(0.0, self._y / self._w - slope * self._x / self._w)
+
+    def seconds(self, tokens: int) -> float:
+        return self.overhead + self.per_token * tokens
+
+
+class AdaptiveBatchingPolicy(BatchingPolicy):
+    """Largest prefill chunk that keeps running requests near an inter-token latency target.
+
+    With nothing decoding (or nothing waiting), latency is not at stake and the step takes the
+    full token budget. Otherwise the budget is the token count whose predicted step time meets
+    the target; when the queued prefill work is large, the target stretches so the backlog
+    clears in about `backlog_steps` steps instead of starving new requests of their first token.
+    """
+
+    def __init__(
+        self,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        itl_target_s: float = 0.1,
+        min_prefill_chunk: int = 32,
+        backlog_steps: int = 20,
+    ) -> None:
+        self.max_tokens = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.itl_target_s = itl_target_s
+        self.min_chunk = min_prefill_chunk
+        self.backlog_steps = backlog_steps
+        self.model = StepTimeModel()
+        self.last_budget = max_num_batched_tokens
+
+    def limits(self, queue: QueueSnapshot) -> BatchLimits:
+        budget = self.max_tokens
+        if queue.num_running and queue.num_waiting:
+            backlog_s = self.model.per_token * queue.num_waiting_tokens
+            target = max(self.itl_target_s, backlog_s / self.backlog_steps)
+            fit = int((target - self.model.overhead) / self.model.per_token)
+            floor = queue.num_running + self.min_chunk
+            budget = min(self.max_tokens, max(floor, fit))
+        self.last_budget = budget
+        return BatchLimits(budget, self.max_seqs)
+
+    def observe(self, num_tokens: int, num_seqs: int, seconds: float) -> None:
+        self.model.observe(num_tokens, seconds)
+
+    def describe(self) -> dict[str, float]:
+        return {
+            "token_budget": self.last_budget,
+            "step_overhead_s": self.model.overhead,
+            "step_seconds_per_token": self.model.per_token,
+        }

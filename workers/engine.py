@@ -1,0 +1,217 @@
+"""The step loop of one worker: schedule -> prepare inputs -> forward -> sample -> update -> emit.
+
+`Engine` is synchronous and single-threaded; `workers.async_engine.AsyncEngine` drives it from a
+background thread for streaming servers. Everything here runs and is tested without Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from workers.batching_policy import AdaptiveBatchingPolicy, BatchingPolicy, FixedBatchingPolicy
+from workers.block_pool import BlockPool
+from workers.kv_cache import KVCacheManager
+from workers.model.config import ModelConfig
+from workers.model.loader import load_model
+from workers.model.paged_cache import allocate_kv_cache, num_blocks_for_budget
+from workers.model.tokenizer import Tokenizer
+from workers.model_runner import ModelRunner
+from workers.output_processor import RequestOutputState, process_token
+from workers.outputs import RequestDelta, TokenLogprobs
+from workers.request import Request
+from workers.sampler import Sampler, SamplingBatch, make_generator
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler, SchedulerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 2**20  # the KV pool, allocated once at start
+    num_blocks: int | None = None  # overrides kv_cache_bytes (tests, exact pool sizes)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    batching: str = "adaptive"  # "adaptive" or "fixed"
+    itl_target_s: float = 0.1  # the adaptive policy's inter-token latency target
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.batching not in ("adaptive", "fixed"):
+            raise ValueError(f"batching must be 'adaptive' or 'fixed', got {self.batching!r}")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        dtype = DTYPES[config.dtype]
+        self.model_config = ModelConfig.from_pretrained(config.model)
+        self.tokenizer = Tokenizer.from_pretrained(config.model)
+        self.model = load_model(config.model, dtype=dtype, device=config.device)
+        self.max_model_len = min(
+            config.max_model_len or self.model_config.max_position_embeddings,
+            self.model_config.max_position_embeddings,
+        )
+        num_blocks = config.num_blocks or num_blocks_for_budget(
+            self.model_config, config.block_size, dtype, config.kv_cache_bytes
+        )
+        self.kv_caches = allocate_kv_cache(
+            self.model_config, num_blocks, config.block_size, dtype, config.device
+        )
+        pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
+        # The model's identity keys every block hash, so two models never share cached KV.
+        model_key = f"{self.model_config.architecture}:{config.model}".encode()
+        self.kv = KVCacheManager(pool, config.block_size, extra_key=model_key)
+        sched_config = SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        policy: BatchingPolicy
+        if config.batching == "fixed":
+            policy = FixedBatchingPolicy(config.max_num_batched_tokens, config.max_num_seqs)
+        else:
+            policy = AdaptiveBatchingPolicy(
+                config.max_num_batched_tokens, config.max_num_seqs, config.itl_target_s
+            )
+        self.scheduler = Scheduler(sched_config, self.kv, policy)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_caches,
+            config.block_size,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            self.max_model_len,
+        )
+        self.sampler = Sampler()
+        self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(
+            self.model_config.eos_token_ids
+        )
+        self._states: dict[str, RequestOutputState] = {}
+        self._ids = itertools.count()
+        self.counters = {"steps": 0, "scheduled_tokens": 0, "generation_tokens": 0}
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Queue a request; raises ValueError (naming the problem) if it can never run."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = [t for t in token_ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are not in the vocabulary [0, {vocab})")
+        request = Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_token_ids=token_ids,
+            params=params,
+            arrival_time=time.monotonic(),
+            priority=priority,
+            generator=make_generator(params.seed),
+        )
+        self.scheduler.add_request(request)
+        self._states[request.request_id] = RequestOutputState(request, self.tokenizer)
+        return request
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already done."""
+        self._states.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        out = self.scheduler.schedule()
+        if not out:
+            return []
+        started = time.perf_counter()
+        requests = out.requests
+        # A request samples once its scheduled tokens reach the end of what it knows.
+        sampling = [
+            r.num_computed_tokens + n == r.num_tokens
+            for r, n in zip(requests, out.num_scheduled_tokens)
+        ]
+        logits = self.runner.execute(
+            [r.token_ids for r in requests],
+            [r.num_computed_tokens for r in requests],
+            out.num_scheduled_tokens,
+            [self.kv.block_table(r.request_id) for r in requests],
+            [[n - 1] if s else [] for n, s in zip(out.num_scheduled_tokens, sampling)],
+        )
+        self.scheduler.update_after_step(out)
+        to_sample = [r for r, s in zip(requests, sampling) if s]
+        deltas = self._sample_and_emit(to_sample, logits) if to_sample else []
+        self.scheduler.policy.observe(
+            out.total_tokens, len(requests), time.perf_counter() - started
+        )
+        self.counters["steps"] += 1
+        self.counters["scheduled_tokens"] += out.total_tokens
+        self.counters["generation_tokens"] += len(to_sample)
+        return deltas
+
+    def _sample_and_emit(self, requests: list[Request], logits: torch.Tensor) -> list[RequestDelta]:
+        params = [r.params for r in requests]
+        batch = SamplingBatch.from_params(
+            params, [r.generator for r in requests], logits.shape[-1], device=logits.device
+        )
+        sampled = self.sampler(logits, batch, batch.max_num_logprobs)
+        token_ids = sampled.token_ids.tolist()
+        deltas = []
+        for i, request in enumerate(requests):
+            logprobs = None
+            if request.params.logprobs is not None and sampled.logprobs is not None:
+                top = {}
+                if sampled.top_logprobs is not None and request.params.logprobs:
+                    k = request.params.logprobs
+                    values, ids = sampled.top_logprobs
+                    top = dict(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
+                logprobs = TokenLogprobs(token_ids[i], float(sampled.logprobs[i]), top)
+            state = self._states[request.request_id]
+            delta, status = process_token(
+                request, state, token_ids[i], self.eos_token_ids, logprobs
+            )
+            if status is not None:
+                self.scheduler.finish(request, status)
+                del self._states[request.request_id]
+            deltas.append(delta)
+        return deltas
+
+    # -- introspection ----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        stats: dict[str, float] = dict(self.kv.stats())
+        stats.update(self.counters)
+        stats["num_requests_running"] = self.scheduler.num_running
+        stats["num_requests_waiting"] = self.scheduler.num_waiting
+        stats["num_preemptions"] = self.scheduler.num_preemptions
+        stats["kv_cache_usage"] = self.kv.pool.usage
+        stats["block_size"] = self.config.block_size
+        for key, value in self.scheduler.policy.describe().items():
+            stats[f"batching_{key}"] = value
+        return stats
