@@ -1,0 +1,115 @@
+"""The `manta` command: make a model, generate from it, serve it, benchmark it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CACHE = Path(os.environ.get("MANTA_CACHE", Path.home() / ".cache" / "manta"))
+
+
+def default_model() -> str:
+    """The embedded default: a tiny random checkpoint, built once into the cache."""
+    from workers.model.make_model import make_model
+
+    path = DEFAULT_CACHE / "models" / "tiny"
+    if not (path / "config.json").is_file():
+        make_model(path, "tiny")
+    return str(path)
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from workers.model.config import ModelConfig
+    from workers.model.make_model import make_model
+
+    path = make_model(
+        args.out_dir, args.preset, args.arch, seed=args.seed, layout=args.layout,
+        num_shards=args.shards,
+    )  # fmt: skip
+    params = ModelConfig.from_pretrained(path).num_parameters()
+    print(f"wrote {args.preset} {args.arch} checkpoint ({params / 1e6:.1f}M parameters) to {path}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from workers import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(
+        EngineConfig(
+            model=args.model or default_model(),
+            dtype=args.dtype,
+            kv_cache_bytes=args.kv_cache_mb * 2**20,
+            max_model_len=args.max_model_len,
+        )
+    )
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        prompt = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    engine.add_request(prompt, params)
+    reason = None
+    while engine.has_unfinished():
+        for delta in engine.step():
+            sys.stdout.write(delta.new_text)
+            sys.stdout.flush()
+            reason = delta.finish_reason
+    print(f"\n[finish_reason={reason}]")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.which == "engine":
+        from benchmarks.engine import main as bench_main
+    else:
+        raise SystemExit(f"unknown benchmark {args.which!r}")
+    return bench_main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manta", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-model", help="write a random-weight checkpoint in HF format")
+    p.add_argument("out_dir")
+    p.add_argument("--preset", choices=["tiny", "small", "bench"], default="tiny")
+    p.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
+    p.add_argument("--layout", choices=["v4", "v5"], default="v4")
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_model)
+
+    p = sub.add_parser("generate", help="generate from one prompt, streaming to stdout")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--max-model-len", type=int)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="run a benchmark (engine)")
+    p.add_argument("which", choices=["engine"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"manta: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
