@@ -1,0 +1,73 @@
+"""Per-request sampling settings, validated once when the request arrives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Temperatures below this are treated as greedy decoding (argmax), as vLLM does.
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20
+
+
+def _reject(field: str, value: object, rule: str) -> None:
+    raise ValueError(f"{field} {rule}, got {value!r}")
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to choose the tokens of one request; names and defaults follow vLLM's.
+
+    `top_k` of -1 (or 0, stored as -1) turns top-k off; `logprobs` is the number of top
+    log-probabilities returned besides the chosen token's (0: only the chosen one, None: none).
+    `stop` is always a list after construction.
+    """
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            _reject("n", self.n, "must be >= 1")
+        if self.max_tokens < 1:
+            _reject("max_tokens", self.max_tokens, "must be >= 1")
+        if not self.temperature >= 0.0:
+            _reject("temperature", self.temperature, "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            _reject("top_p", self.top_p, "must be in (0, 1]")
+        if self.top_k == 0:
+            self.top_k = -1
+        if self.top_k < -1:
+            _reject("top_k", self.top_k, "must be -1 (off) or >= 1")
+        if not 0.0 <= self.min_p <= 1.0:
+            _reject("min_p", self.min_p, "must be in [0, 1]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            _reject("logprobs", self.logprobs, f"must be in [0, {MAX_LOGPROBS}]")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        else:
+            self.stop = list(self.stop)
+        for stop_str in self.stop:
+            if not isinstance(stop_str, str) or not stop_str:
+                _reject("stop", self.stop, "must hold non-empty strings")
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = list(self.stop_token_ids)
+            if any(token_id < 0 for token_id in self.stop_token_ids):
+                _reject("stop_token_ids", self.stop_token_ids, "must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the request decodes by argmax (temperature effectively zero)."""
+        return self.temperature < GREEDY_TEMPERATURE
