@@ -8,6 +8,7 @@ thread-safe inbox and receive their deltas on per-request asyncio queues. Leavin
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -42,6 +43,7 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._stats = engine.stats()
+        self._events: collections.deque = collections.deque()  # KV events for the prefix index
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="manta-engine", daemon=True)
         self._thread.start()
@@ -87,6 +89,17 @@ class AsyncEngine:
         """The engine's stats as of its last step (safe from any thread)."""
         return dict(self._stats)
 
+    def take_events(self) -> list:
+        """Block stored/removed events since the last call (safe from any thread)."""
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._inbox.put(("wake", None))
@@ -107,6 +120,7 @@ class AsyncEngine:
                 self._fail_all(RuntimeError(f"engine step failed: {error}"))
                 continue
             self._deliver(deltas)
+            self._events.extend(engine.kv.drain_events())
             self._stats = engine.stats()
         self._fail_all(RuntimeError("the engine was shut down"))
 
@@ -120,6 +134,7 @@ class AsyncEngine:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
+                self._events.extend(self.engine.kv.drain_events())
                 self._stats = self.engine.stats()
                 return
 

@@ -33,6 +33,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 @dataclass(slots=True)
 class EngineConfig:
     model: str
+    # Identity of the weights, part of every block hash: workers and router must agree on it.
+    model_id: str | None = None  # default: the model directory
     dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16
@@ -76,8 +78,7 @@ class Engine:
         )
         pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         # The model's identity keys every block hash, so two models never share cached KV.
-        model_key = f"{self.model_config.architecture}:{config.model}".encode()
-        self.kv = KVCacheManager(pool, config.block_size, extra_key=model_key)
+        self.kv = KVCacheManager(pool, config.block_size, extra_key=self.hash_key)
         sched_config = SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -107,6 +108,10 @@ class Engine:
         self._states: dict[str, RequestOutputState] = {}
         self._ids = itertools.count()
         self.counters = {"steps": 0, "scheduled_tokens": 0, "generation_tokens": 0}
+
+    @property
+    def hash_key(self) -> bytes:
+        return (self.config.model_id or self.config.model).encode()
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(

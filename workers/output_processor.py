@@ -35,20 +35,19 @@ def process_token(
     """Append one sampled token to the request; returns its delta and a finish status if any."""
     request.token_ids.append(token_id)
     status = None
-    is_stop_token = (state.check_eos and token_id in eos_token_ids) or (
-        token_id in state.stop_token_ids
-    )
-    text = state.detokenizer.push(token_id)
-    if is_stop_token:
+    if (state.check_eos and token_id in eos_token_ids) or token_id in state.stop_token_ids:
         status = RequestStatus.FINISHED_STOPPED
+    elif request.num_output_tokens >= request.params.max_tokens:
+        status = RequestStatus.FINISHED_LENGTH
+    text = state.detokenizer.push(token_id)
+    if status is not None:
+        text += state.detokenizer.flush()  # bytes held back for a character that never came
     if state.stop_checker is not None:
         text, stopped = state.stop_checker.push(text)
         if stopped:
             status = RequestStatus.FINISHED_STOPPED
-        elif status is not None or request.num_output_tokens >= request.params.max_tokens:
+        elif status is not None:
             text += state.stop_checker.flush()
-    if status is None and request.num_output_tokens >= request.params.max_tokens:
-        status = RequestStatus.FINISHED_LENGTH
     delta = RequestDelta(
         request_id=request.request_id,
         new_token_ids=[token_id],

@@ -68,6 +68,8 @@ class ModelConfig:
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
+            if self.architecture != "Qwen2ForCausalLM":  # Llama's bias covers o_proj too
+                attn += h
         per_layer = attn + 3 * h * i + 2 * h
         embed = self.vocab_size * h
         return embed * (1 if self.tie_word_embeddings else 2) + layers * per_layer + h
