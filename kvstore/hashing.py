@@ -1,0 +1,45 @@
+"""Stable, chained hashes of full KV blocks.
+
+A block's hash covers its parent's hash, an extra key (such as the model id) and its token ids,
+so equal hashes mean equal prefixes. The hash is xxh3-64 over a fixed little-endian byte layout:
+identical in every process and on every machine (never Python's salted ``hash()``), which the
+cluster-wide prefix index relies on.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import xxhash
+
+ROOT_HASH: int = 0
+"""Parent hash of a prompt's first block."""
+
+_HEADER = struct.Struct("<QQ")
+
+
+def hash_block(parent_hash: int, token_ids: Sequence[int], extra_key: bytes = b"") -> int:
+    """Hash one block: parent (8 bytes), extra key (length-prefixed), token ids (int64 each)."""
+    payload = (
+        _HEADER.pack(parent_hash, len(extra_key))
+        + extra_key
+        + struct.pack(f"<{len(token_ids)}q", *token_ids)
+    )
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def hash_blocks(
+    token_ids: Sequence[int],
+    block_size: int,
+    extra_key: bytes = b"",
+    parent_hash: int = ROOT_HASH,
+) -> list[int]:
+    """Chained hashes of each full block of ``token_ids``; a trailing partial block gets none."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent_hash = hash_block(parent_hash, token_ids[start : start + block_size], extra_key)
+        hashes.append(parent_hash)
+    return hashes

@@ -1,0 +1,98 @@
+"""The embedded prefix index for a Ray cluster without Redis: one small named actor.
+
+Workers publish to it and the router queries it, each through `ActorPrefixIndex`, which
+speaks the `PrefixIndex` interface. Calls are awaited with a short timeout so an index that
+is slow or gone degrades routing to load-only instead of stalling a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import ray
+
+from kvstore.events import KVEvent
+from kvstore.index import InMemoryPrefixIndex, PrefixIndex
+
+logger = logging.getLogger(__name__)
+ACTOR_NAMESPACE = "manta"
+
+
+@ray.remote(num_cpus=0)
+class PrefixIndexActor:
+    def __init__(self, ttl_s: float) -> None:
+        self.index = InMemoryPrefixIndex(ttl_s=ttl_s)
+
+    async def publish(self, worker_id: str, events: list[KVEvent]) -> None:
+        await self.index.publish(worker_id, events)
+
+    async def heartbeat(self, worker_id: str) -> None:
+        await self.index.heartbeat(worker_id)
+
+    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
+        await self.index.report(worker_id, stats)
+
+    async def worker_stats(self) -> dict[str, dict[str, float]]:
+        return await self.index.worker_stats()
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self.index.remove_worker(worker_id)
+
+    async def match(self, block_hashes: list[int]) -> dict[str, int]:
+        return await self.index.match(block_hashes)
+
+
+def actor_name(namespace: str) -> str:
+    return f"manta-prefix-index:{namespace}"
+
+
+class ActorPrefixIndex(PrefixIndex):
+    """Client of the per-model index actor, creating it on first use."""
+
+    def __init__(self, namespace: str, ttl_s: float, timeout_s: float = 0.5) -> None:
+        self._actor = PrefixIndexActor.options(
+            name=actor_name(namespace),
+            namespace=ACTOR_NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+        ).remote(ttl_s)
+        self._timeout_s = timeout_s
+
+    async def _call(self, method: str, *args, default=None):
+        try:
+            ref = getattr(self._actor, method).remote(*args)
+            return await asyncio.wait_for(ref, self._timeout_s)
+        except Exception as error:  # the index is an accelerator, never a failure
+            logger.warning("prefix index %s failed: %s", method, error)
+            return default
+
+    async def publish(self, worker_id: str, events: Sequence[KVEvent]) -> None:
+        await self._call("publish", worker_id, list(events))
+
+    async def heartbeat(self, worker_id: str) -> None:
+        await self._call("heartbeat", worker_id)
+
+    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
+        await self._call("report", worker_id, stats)
+
+    async def worker_stats(self) -> dict[str, dict[str, float]]:
+        return await self._call("worker_stats", default={})
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._call("remove_worker", worker_id)
+
+    async def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
+        return await self._call("match", list(block_hashes), default={})
+
+    async def close(self) -> None:
+        return None
+
+
+def kill_index_actor(namespace: str) -> None:
+    """Remove the detached index actor of a model (on shutdown)."""
+    try:
+        ray.kill(ray.get_actor(actor_name(namespace), namespace=ACTOR_NAMESPACE))
+    except ValueError:
+        pass

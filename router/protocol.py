@@ -1,0 +1,384 @@
+"""OpenAI-compatible request and response models for Manta's HTTP API.
+
+Requests are strict and reject unknown fields, as OpenAI does; `validation_error_body` turns a
+validation failure into OpenAI's error body. Known OpenAI parameters that Manta does not
+implement are accepted only at their neutral value, so a request never silently means
+something else. Manta's extras (`top_k`, `min_p`, `ignore_eos`, `priority`) follow vLLM.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+
+FinishReason = Literal["stop", "length"]
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's legacy completions default; chat defaults to the rest of the context window."""
+MAX_STOP_SEQUENCES = 4
+
+# Known OpenAI parameters Manta does not implement, and the values that mean "not used".
+_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),
+}
+# Union-member tags pydantic puts in an error's location; they are not request fields.
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "TextPart"})
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def new_id(prefix: str) -> str:
+    """A fresh response id such as `chatcmpl-<32 hex digits>`."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _reject_unless_neutral(value: Any, info: ValidationInfo) -> Any:
+    if value not in _NEUTRAL_VALUES[info.field_name]:
+        raise ValueError(f"{info.field_name} is not supported; omit it")
+    return value
+
+
+def _split_prompts(prompt: str | list[Any]) -> list[Any]:
+    """One text or token-id list per batch entry."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool | None = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1, le=16)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0: off (Manta extra)")
+    min_p: float | None = Field(None, ge=0, le=1, description="Manta extra")
+    ignore_eos: bool = Field(False, description="Manta extra")
+    priority: int = Field(0, description="Lower is scheduled first (Manta extra)")
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if not all(stops):
+            raise ValueError("stop sequences must be non-empty strings")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(
+        cls, value: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _check_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported; only 0 is accepted")
+        return value
+
+    @field_validator(*_NEUTRAL_VALUES, check_fields=False)
+    @classmethod
+    def _check_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        return _reject_unless_neutral(value, info)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _sampling_kwargs(self, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+        return {
+            "n": self.n or 1,
+            "max_tokens": max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "top_k": -1 if self.top_k is None else self.top_k,
+            "min_p": self.min_p or 0.0,
+            "seed": self.seed,
+            "stop": self.stop,
+            "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs,
+        }
+
+
+class CompletionRequest(_SamplingRequest):
+    """`POST /v1/completions`; a list prompt is a batch (choice index = prompt * n + i)."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[Any]) -> str | list[Any]:
+        prompts = _split_prompts(value)
+        if not prompts or not all(prompts):
+            raise ValueError("prompt must not be empty")
+        if any(isinstance(prompt, list) and min(prompt) < 0 for prompt in prompts):
+            raise ValueError("prompt token ids must be >= 0")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of this request: text or token ids, one per batch entry."""
+        return _split_prompts(self.prompt)
+
+    def to_sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `workers.sampling_params.SamplingParams`."""
+        max_tokens = self.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
+        return self._sampling_kwargs(max_tokens, self.logprobs)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message; content may be plain text or text parts (other part types are refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
+    name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _check_content(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("content is required unless the role is assistant")
+        return value
+
+    def text(self) -> str:
+        """The content as one string (parts joined by newlines, as vLLM does)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        return "\n".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
+
+    def to_sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `SamplingParams`; `max_tokens` is None when the client set
+        neither limit: the caller fills in what is left of the context window."""
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_kwargs(max_tokens, logprobs)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+        """Usage with the total and the prefix-cache hit filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape: parallel lists, one entry per generated token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completions response, and also each chunk of a completions stream."""
+
+    id: str = Field(default_factory=lambda: new_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class DeltaMessage(BaseModel):
+    """What a chunk adds; unset fields are left out (`{}` in the final chunk), as OpenAI does."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One chunk of a chat stream; every chunk of a stream repeats its `id` and `created`."""
+
+    id: str = Field(default_factory=lambda: new_id("chatcmpl"))
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "manta"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def validation_error_body(errors: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """OpenAI's 400 body for pydantic's (or FastAPI's) validation errors.
+
+    It names the deepest error: for a union field that is the member that got furthest.
+    """
+    error = max(errors, key=lambda candidate: len(candidate.get("loc", ())))
+    loc = [
+        str(part)
+        for part in error.get("loc", ())
+        if part != "body" and part not in _TYPE_TAGS and "[" not in str(part)
+    ]
+    path = ".".join(loc)
+    param = loc[0] if loc else None
+    if error["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {path}"
+    elif error["type"] == "missing":
+        message = f"Missing required parameter: '{path}'."
+    else:
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        message = f"Invalid value for '{path}': {reason}" if path else reason
+    return error_body(message, "invalid_request_error", param=param)
