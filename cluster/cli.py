@@ -62,6 +62,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from cluster.app import build_app
+    from cluster.config import ClusterConfig, EngineSettings
+    from kvstore.index_actor import kill_index_actor
+
+    config = ClusterConfig(
+        model=args.model or default_model(),
+        served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
+        num_workers=args.workers,
+        num_cpus_per_worker=args.cpus_per_worker,
+        num_gpus_per_worker=args.gpus_per_worker,
+        redis_url=args.redis_url,
+        host=args.host,
+        port=args.port,
+        engine=EngineSettings(
+            dtype=args.dtype,
+            kv_cache_bytes=args.kv_cache_mb * 2**20,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+        ),
+    )
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name="manta", route_prefix="/")
+    print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        kill_index_actor(config.model_name)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.which == "engine":
         from benchmarks.engine import main as bench_main
@@ -94,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-model-len", type=int)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible API on a Ray cluster")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    p.add_argument("--served-model-name", help="model name clients use (default: --model)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--redis-url", help="share the prefix index in Redis (default: embedded)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="run a benchmark (engine)")
     p.add_argument("which", choices=["engine"])

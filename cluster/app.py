@@ -1,0 +1,78 @@
+"""Builds the Ray Serve application: an HTTP ingress in front of N worker replicas."""
+
+from __future__ import annotations
+
+import functools
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from cluster.config import ClusterConfig
+from router.ingress import Ingress
+from router.prefix_router import PrefixAwareRequestRouter
+from workers.deployment import WorkerDeployment
+from workers.model.config import ModelConfig
+from workers.model.tokenizer import Tokenizer
+
+WORKER_DEPLOYMENT = "MantaWorker"
+INGRESS_DEPLOYMENT = "MantaIngress"
+
+
+def build_app(config: ClusterConfig) -> Application:
+    model_config = ModelConfig.from_pretrained(config.model)
+    engine_config = config.engine_config()
+    engine_config.model_id = config.model_name
+    max_model_len = min(
+        engine_config.max_model_len or model_config.max_position_embeddings,
+        model_config.max_position_embeddings,
+    )
+    router_kwargs = config.router.model_dump(exclude={"affinity_prefix_tokens"})
+    worker = serve.deployment(WorkerDeployment).options(
+        name=WORKER_DEPLOYMENT,
+        num_replicas=config.num_workers,
+        max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        ray_actor_options={
+            "num_cpus": config.num_cpus_per_worker,
+            "num_gpus": config.num_gpus_per_worker,
+        },
+        request_router_config=RequestRouterConfig(
+            request_router_class=PrefixAwareRequestRouter,
+            request_router_kwargs=router_kwargs,
+            request_routing_stats_period_s=1.0,
+        ),
+        health_check_period_s=5.0,
+        graceful_shutdown_timeout_s=5.0,
+    )
+    workers = worker.bind(
+        engine_config,
+        namespace=config.model_name,
+        redis_url=config.redis_url,
+        index_ttl_s=config.index_ttl_s,
+        publish_interval_s=config.publish_interval_s,
+        max_waiting=config.max_ongoing_requests,
+    )
+    ingress = serve.deployment(serve.ingress(None)(Ingress)).options(
+        name=INGRESS_DEPLOYMENT,
+        num_replicas=1,
+        max_ongoing_requests=4096,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(
+        workers,
+        functools.partial(Tokenizer.from_pretrained, config.model),
+        model_name=config.model_name,
+        model_id=config.model_name,
+        max_model_len=max_model_len,
+        block_size=config.engine.block_size,
+        redis_url=config.redis_url,
+        index_ttl_s=config.index_ttl_s,
+        affinity_prefix_tokens=config.router.affinity_prefix_tokens,
+        retry_after_s=config.retry_after_s,
+    )
+
+
+def app_builder(args: dict) -> Application:
+    """Entry point for `serve run cluster.app:app_builder model=...` and deploy/serve.yaml."""
+    return build_app(ClusterConfig(**args))

@@ -1,0 +1,123 @@
+"""The router's work per request, independent of HTTP: tokenize once, hash the prompt's blocks,
+ask the prefix index who holds them, dispatch, and retry on another worker if the chosen one
+dies before emitting a token.
+
+The tokenizer and the backend are injected (the cluster wires the workers' tokenizer and a Ray
+Serve handle), so this module imports neither workers nor Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from kvstore.hashing import ROOT_HASH, hash_block, hash_blocks
+from kvstore.index import PrefixIndex
+from kvstore.messages import GenerateRequest, RoutingHint, StreamDelta, WorkerUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """Where requests go: the worker deployment (or, in one process, an engine)."""
+
+    def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]: ...
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_tokens does not fit the model's context."""
+
+
+class Frontend:
+    def __init__(
+        self,
+        tokenizer: Any,
+        backend: Backend,
+        index: PrefixIndex,
+        *,
+        model_name: str,
+        model_id: str,
+        max_model_len: int,
+        block_size: int,
+        affinity_prefix_tokens: int = 64,
+        max_retries: int = 2,
+        is_worker_failure: Callable[[BaseException], bool] = lambda e: False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.index = index
+        self.model_name = model_name
+        self.hash_key = model_id.encode()
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.affinity_prefix_tokens = affinity_prefix_tokens
+        self.max_retries = max_retries
+        self.is_worker_failure = is_worker_failure
+
+    # -- prompts ----------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        vocab = self.tokenizer.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        return list(prompt)
+
+    def render_chat(self, messages: list[dict], **template_kwargs: Any) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, **template_kwargs)
+        # The template already holds the special tokens (BOS included), as transformers does.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def build_request(
+        self, token_ids: list[int], sampling: dict, priority: int = 0
+    ) -> GenerateRequest:
+        """Check the prompt fits, fill max_tokens if unset, and attach the routing hint."""
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        room = self.max_model_len - len(token_ids)
+        max_tokens = sampling.get("max_tokens")
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            asked = max_tokens if max_tokens is not None else 1
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {len(token_ids) + asked} tokens ({len(token_ids)} in the "
+                f"prompt, {asked} for the completion). Please reduce the prompt or max_tokens."
+            )
+        sampling = {**sampling, "max_tokens": max_tokens if max_tokens is not None else room}
+        hashes = hash_blocks(token_ids, self.block_size, self.hash_key)
+        matched = await self.index.match(hashes) if hashes else {}
+        head = token_ids[: self.affinity_prefix_tokens]
+        hint = RoutingHint(
+            matched_blocks=matched,
+            affinity_key=hash_block(ROOT_HASH, head, self.hash_key),
+            block_size=self.block_size,
+        )
+        return GenerateRequest(uuid.uuid4().hex, token_ids, sampling, priority, hint)
+
+    async def worker_stats(self) -> dict[str, dict]:
+        """Each live worker's last reported stats (through the index), for /metrics."""
+        return await self.index.worker_stats()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+        """The request's deltas; a worker that dies before its first token is retried."""
+        attempt = 0
+        while True:
+            emitted = False
+            try:
+                async for delta in self.backend.stream(request):
+                    emitted = True
+                    yield delta
+                return
+            except Exception as error:
+                if emitted or not self.is_worker_failure(error):
+                    raise
+                if attempt >= self.max_retries:
+                    raise WorkerUnavailableError(f"workers kept failing: {error}") from error
+                attempt += 1
+                logger.warning("worker failed before the first token (%s); retrying", error)
+                # A fresh id: the dead worker may still hold the old one in an index entry.
+                request.request_id = uuid.uuid4().hex
+                request.routing = None

@@ -1,0 +1,89 @@
+"""The HTTP ingress as a Ray Serve deployment: the FastAPI app in front of the worker handle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import ray.exceptions
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from kvstore.index import make_index
+from kvstore.index_actor import ActorPrefixIndex
+from kvstore.messages import (
+    GenerateRequest,
+    StreamDelta,
+    WorkerOverloadedError,
+    WorkerUnavailableError,
+)
+from router.api import create_app
+from router.frontend import Frontend
+from router.metrics import Metrics
+
+
+def is_worker_failure(error: BaseException) -> bool:
+    """A worker that died or vanished (worth retrying elsewhere before the first token)."""
+    return isinstance(error, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
+class ServeBackend:
+    """Streams from the worker deployment through its handle (and its request router)."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle.options(stream=True)
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+        response = self.handle.generate.remote(request)
+        try:
+            async for delta in response:
+                yield delta
+        except BackPressureError as error:
+            raise WorkerOverloadedError(str(error)) from None
+        except DeploymentUnavailableError as error:
+            raise WorkerUnavailableError(str(error)) from None
+        finally:
+            response.cancel()  # a client that left mid-stream aborts the request on its worker
+
+
+class Ingress:
+    """Wrapped by `serve.ingress(None)` and `serve.deployment` in cluster/app.py; Serve asks
+    `__serve_build_asgi_app__` for the app once the replica is constructed."""
+
+    def __init__(
+        self,
+        worker_handle: DeploymentHandle,
+        tokenizer_factory: Callable[[], Any],
+        *,
+        model_name: str,
+        model_id: str,
+        max_model_len: int,
+        block_size: int,
+        redis_url: str | None,
+        index_ttl_s: float,
+        affinity_prefix_tokens: int,
+        retry_after_s: int,
+    ) -> None:
+        index = (
+            make_index(redis_url, model_id, index_ttl_s)
+            if redis_url
+            else ActorPrefixIndex(model_id, index_ttl_s)
+        )
+        frontend = Frontend(
+            tokenizer_factory(),
+            ServeBackend(worker_handle),
+            index,
+            model_name=model_name,
+            model_id=model_id,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            affinity_prefix_tokens=affinity_prefix_tokens,
+            is_worker_failure=is_worker_failure,
+        )
+        self._state = {"frontend": frontend, "metrics": Metrics(), "retry_after_s": retry_after_s}
+
+    def __serve_build_asgi_app__(self):
+        app = create_app()
+        for key, value in self._state.items():
+            setattr(app.state, key, value)
+        return app

@@ -1,0 +1,82 @@
+"""Prometheus metrics of the serving front, in a registry of its own (no global state).
+
+Latency histograms are observed here, where the streams pass; worker gauges and counters are
+rendered from the stats each worker last reported, labelled by worker.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# worker stat -> (metric name, kind, help)
+WORKER_METRICS = {
+    "prefix_cache_queries": (
+        "manta_prefix_cache_queries_total", "counter", "Prompt tokens looked up in the cache."
+    ),
+    "prefix_cache_hits": (
+        "manta_prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache."
+    ),
+    "num_requests_running": ("manta_num_requests_running", "gauge", "Requests holding KV."),
+    "num_requests_waiting": ("manta_num_requests_waiting", "gauge", "Requests queued."),
+    "kv_cache_usage": ("manta_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use."),
+    "num_preemptions": ("manta_num_preemptions_total", "counter", "Requests preempted."),
+    "generation_tokens": ("manta_generation_tokens_total", "counter", "Tokens generated."),
+    "spec_decode_proposed_tokens": (
+        "manta_spec_decode_proposed_tokens_total", "counter", "Draft tokens proposed."
+    ),
+    "spec_decode_accepted_tokens": (
+        "manta_spec_decode_accepted_tokens_total", "counter", "Draft tokens accepted."
+    ),
+}  # fmt: skip
+
+
+class _WorkerCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        reports = self.metrics.latest_worker_stats()
+        for key, (name, kind, doc) in WORKER_METRICS.items():
+            family_cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            base = name.removesuffix("_total") if kind == "counter" else name
+            family = family_cls(base, doc, labels=["worker"])
+            for report in reports:
+                family.add_metric([str(report.get("worker_id", ""))], float(report.get(key, 0)))
+            yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.ttft = Histogram(
+            "manta_time_to_first_token_seconds",
+            "Seconds from request arrival to its first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            "manta_inter_token_latency_seconds",
+            "Seconds between consecutive streamed tokens of a request.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "manta_requests",
+            "Requests finished, by HTTP status.",
+            labelnames=["status"],
+            registry=self.registry,
+        )
+        self._worker_stats: dict[str, dict] = {}
+        self.registry.register(_WorkerCollector(self))
+
+    def set_worker_stats(self, reports: dict[str, dict]) -> None:
+        self._worker_stats = {w: {"worker_id": w, **stats} for w, stats in reports.items()}
+
+    def latest_worker_stats(self) -> list[dict]:
+        return list(self._worker_stats.values())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,153 @@
+"""Prefix-aware choice of a worker: cached overlap against load.
+
+score(worker) = hit_weight x prompt tokens the worker already holds (from the prefix index)
+              - load_weight x requests on it (what this router has in flight, or what the
+                worker last reported, whichever is larger)
+              - kv_pressure_weight x its KV pool usage
+              + affinity_bonus on the tenant's home worker when no worker holds the prefix yet
+The home is chosen by rendezvous hashing of the prompt's head over the live worker ids, so a
+tenant sticks to one worker across requests and only moves when that worker goes away.
+
+`score_workers` is pure and tested alone; `PrefixAwareRequestRouter` plugs it into Ray Serve.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import xxhash
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from kvstore.messages import GenerateRequest, RoutingHint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RoutingWeights:
+    hit_weight: float = 1.0
+    load_weight: float = 64.0
+    kv_pressure_weight: float = 256.0
+    affinity_bonus: float = 32.0
+
+
+@dataclass(slots=True)
+class WorkerLoad:
+    in_flight: int = 0  # routed by this router and not yet completed
+    reported: float = 0.0  # running + waiting, as the worker last reported
+    kv_usage: float = 0.0
+
+    @property
+    def requests(self) -> float:
+        return max(float(self.in_flight), self.reported)
+
+
+def rendezvous_home(key: int, worker_ids: list[str]) -> str:
+    """The worker with the highest hash of (key, worker): stable as workers come and go."""
+    return max(worker_ids, key=lambda w: xxhash.xxh3_64_intdigest(f"{key}:{w}".encode()))
+
+
+def score_workers(
+    worker_ids: list[str],
+    hint: RoutingHint | None,
+    loads: dict[str, WorkerLoad],
+    weights: RoutingWeights,
+) -> dict[str, float]:
+    scores = {}
+    matched = hint.matched_blocks if hint is not None else {}
+    cold = not any(matched.get(w, 0) for w in worker_ids)
+    home = rendezvous_home(hint.affinity_key, worker_ids) if hint is not None and cold else None
+    for worker in worker_ids:
+        load = loads.get(worker) or WorkerLoad()
+        score = -weights.load_weight * load.requests - weights.kv_pressure_weight * load.kv_usage
+        if hint is not None:
+            score += weights.hit_weight * matched.get(worker, 0) * hint.block_size
+        if worker == home:
+            score += weights.affinity_bonus
+        scores[worker] = score
+    return scores
+
+
+def rank(scores: dict[str, float]) -> list[str]:
+    """Best first; ties broken by worker id so the choice is deterministic."""
+    return sorted(scores, key=lambda w: (-scores[w], w))
+
+
+class PrefixAwareRequestRouter(RequestRouter):
+    """Ray Serve request router over worker replicas; never raises (a raise hangs a request)."""
+
+    def initialize_state(self, policy: str = "prefix", **weights: float) -> None:
+        self.policy = policy
+        self.weights = RoutingWeights(**weights)
+        self._in_flight: defaultdict[str, int] = defaultdict(int)
+        self._round_robin = itertools.count()
+
+    @property
+    def max_num_routing_tasks(self) -> int:
+        # The default (2 x replicas) lets long streams pinned to one worker block routing for
+        # requests bound elsewhere.
+        return 64
+
+    def _loads(self, replicas: list[RunningReplica]) -> dict[str, WorkerLoad]:
+        loads = {}
+        for replica in replicas:
+            worker = replica.replica_id.unique_id
+            stats = replica.routing_stats or {}
+            loads[worker] = WorkerLoad(
+                in_flight=self._in_flight.get(worker, 0),
+                reported=float(stats.get("num_running", 0) + stats.get("num_waiting", 0)),
+                kv_usage=float(stats.get("kv_usage", 0.0)),
+            )
+        return loads
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        try:
+            if pending_request is not None:
+                # Without this a full replica is re-probed in a tight loop.
+                pending_request.routing_context.should_backoff = True
+            return self._choose(candidate_replicas, pending_request)
+        except Exception:
+            logger.exception("prefix routing failed; falling back to any replica")
+            return [candidate_replicas]
+
+    def _choose(
+        self, replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        if len(replicas) <= 1:
+            return [replicas]
+        by_id = {r.replica_id.unique_id: r for r in replicas}
+        if self.policy == "round_robin":
+            ids = sorted(by_id)
+            start = next(self._round_robin) % len(ids)
+            return [[by_id[w]] for w in ids[start:] + ids[:start]]
+        hint = None
+        if self.policy == "prefix" and pending_request is not None:
+            hint = _routing_hint(pending_request)
+        scores = score_workers(list(by_id), hint, self._loads(replicas), self.weights)
+        return [[by_id[w]] for w in rank(scores)]
+
+    def on_request_routed(self, pending_request, replica_id: ReplicaID, result) -> None:
+        self._in_flight[replica_id.unique_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        worker = replica_id.unique_id
+        if self._in_flight.get(worker, 0) > 0:
+            self._in_flight[worker] -= 1
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._in_flight.pop(replica_id.unique_id, None)
+
+
+def _routing_hint(pending_request: PendingRequest) -> RoutingHint | None:
+    for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
+        if isinstance(arg, GenerateRequest):
+            return arg.routing
+    return None

@@ -1,0 +1,206 @@
+"""Turn workers' stream deltas into OpenAI responses and stream chunks.
+
+One formatter per HTTP request. Choice `i` is prompt `i // n`, sample `i % n`. Usage counts
+each prompt once, however many samples it has, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvstore.messages import StreamDelta
+from router.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    new_id,
+)
+
+
+@dataclass(slots=True)
+class _Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
+
+
+class _Formatter:
+    id_prefix = "cmpl"
+
+    def __init__(self, body: Any, frontend: Any, prompts: list[list[int]]) -> None:
+        self.body = body
+        self.tokenizer = frontend.tokenizer
+        self.model = frontend.model_name
+        self.n = body.n or 1
+        self.prompts = prompts
+        self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
+        self.id = new_id(self.id_prefix)
+        self.wants_logprobs = body.to_sampling_kwargs()["logprobs"] is not None
+
+    def _record(self, index: int, delta: StreamDelta) -> _Choice:
+        choice = self.choices[index]
+        choice.text += delta.text
+        choice.num_output_tokens = delta.num_output_tokens or choice.num_output_tokens
+        choice.num_cached_tokens = delta.num_cached_tokens
+        if delta.finished:
+            choice.finish_reason = delta.finish_reason
+        if delta.logprobs:
+            choice.logprobs.extend(delta.logprobs)
+        return choice
+
+    def usage(self) -> Usage:
+        firsts = self.choices[:: self.n]
+        return Usage.of(
+            prompt_tokens=sum(len(p) for p in self.prompts),
+            completion_tokens=sum(c.num_output_tokens for c in self.choices),
+            cached_tokens=sum(c.num_cached_tokens for c in firsts),
+        )
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def add(self, index: int, delta: StreamDelta) -> None:
+        self._record(index, delta)
+
+
+class CompletionFormatter(_Formatter):
+    id_prefix = "cmpl"
+
+    def _logprobs(self, entries, offset: int) -> CompletionLogprobs | None:
+        if not self.wants_logprobs:
+            return None
+        out = CompletionLogprobs()
+        for token_id, logprob, top in entries:
+            token = self._token(token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append({self._token(t): lp for t, lp in top.items()})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+    def response(self) -> dict:
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=c.text,
+                logprobs=self._logprobs(c.logprobs, 0),
+                finish_reason=c.finish_reason,
+            )
+            for i, c in enumerate(self.choices)
+        ]
+        return CompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=self.usage()
+        ).model_dump()
+
+    def chunks(self, index: int, delta: StreamDelta) -> list[str]:
+        offset = len(self.choices[index].text)
+        self._record(index, delta)
+        choice = CompletionChoice(
+            index=index,
+            text=delta.text,
+            logprobs=self._logprobs(delta.logprobs or [], offset),
+            finish_reason=delta.finish_reason if delta.finished else None,
+        )
+        chunk = CompletionResponse(id=self.id, model=self.model, choices=[choice])
+        return [chunk.model_dump_json(exclude={"usage"})]
+
+    def usage_chunk(self) -> str:
+        return CompletionResponse(
+            id=self.id, model=self.model, choices=[], usage=self.usage()
+        ).model_dump_json()
+
+
+class ChatFormatter(_Formatter):
+    id_prefix = "chatcmpl"
+
+    def __init__(self, body: Any, frontend: Any, prompts: list[list[int]]) -> None:
+        super().__init__(body, frontend, prompts)
+        self._started: set[int] = set()
+
+    def _logprobs(self, entries) -> ChatLogprobs | None:
+        if not self.wants_logprobs:
+            return None
+        content = []
+        for token_id, logprob, top in entries:
+            token = self._token(token_id)
+            content.append(
+                TokenLogprob(
+                    token=token,
+                    logprob=logprob,
+                    bytes=list(token.encode()),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=self._token(t), logprob=lp, bytes=list(self._token(t).encode())
+                        )
+                        for t, lp in top.items()
+                    ],
+                )
+            )
+        return ChatLogprobs(content=content)
+
+    def response(self) -> dict:
+        choices = [
+            ChatChoice(
+                index=i,
+                message=AssistantMessage(content=c.text),
+                logprobs=self._logprobs(c.logprobs),
+                finish_reason=c.finish_reason or "stop",
+            )
+            for i, c in enumerate(self.choices)
+        ]
+        return ChatCompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=self.usage()
+        ).model_dump()
+
+    def _chunk(self, choice: ChatChunkChoice) -> str:
+        chunk = ChatCompletionChunk(id=self.id, model=self.model, choices=[choice])
+        return chunk.model_dump_json(exclude={"usage"})
+
+    def chunks(self, index: int, delta: StreamDelta) -> list[str]:
+        self._record(index, delta)
+        out = []
+        if index not in self._started:  # the first chunk of a choice names the role
+            self._started.add(index)
+            out.append(
+                self._chunk(
+                    ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                )
+            )
+        if delta.text or delta.logprobs:
+            out.append(
+                self._chunk(
+                    ChatChunkChoice(
+                        index=index,
+                        delta=DeltaMessage(content=delta.text),
+                        logprobs=self._logprobs(delta.logprobs or []),
+                    )
+                )
+            )
+        if delta.finished:
+            out.append(
+                self._chunk(
+                    ChatChunkChoice(
+                        index=index, delta=DeltaMessage(), finish_reason=delta.finish_reason
+                    )
+                )
+            )
+        return out
+
+    def usage_chunk(self) -> str:
+        return ChatCompletionChunk(
+            id=self.id, model=self.model, choices=[], usage=self.usage()
+        ).model_dump_json()

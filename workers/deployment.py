@@ -1,0 +1,117 @@
+"""A worker as a Ray Serve deployment: one engine per replica, streaming deltas to the router.
+
+Serve gives health checks, replica restarts and autoscaling for free, and its pluggable request
+router lets the front pick the replica per request (see router/prefix_router.py), which is why
+workers are a deployment rather than hand-managed actors. Each replica publishes its block
+pool's stored/evicted events to the prefix index in batches, and its load for routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from ray import serve
+
+from kvstore.index import PrefixIndex, make_index
+from kvstore.index_actor import ActorPrefixIndex
+from kvstore.messages import (
+    GenerateRequest,
+    RequestRejectedError,
+    StreamDelta,
+    WorkerOverloadedError,
+)
+from workers.async_engine import AsyncEngine
+from workers.engine import EngineConfig
+from workers.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDeployment:
+    async def __init__(
+        self,
+        engine_config: EngineConfig,
+        namespace: str,
+        redis_url: str | None = None,
+        index_ttl_s: float = 15.0,
+        publish_interval_s: float = 0.2,
+        max_waiting: int = 256,
+    ) -> None:
+        self.engine = AsyncEngine(engine_config)
+        self.worker_id = serve.get_replica_context().replica_id.unique_id
+        self.index: PrefixIndex = (
+            make_index(redis_url, namespace, index_ttl_s)
+            if redis_url
+            else ActorPrefixIndex(namespace, index_ttl_s)
+        )
+        self.max_waiting = max_waiting
+        self.publish_interval_s = publish_interval_s
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                events = self.engine.take_events()
+                if events:
+                    await self.index.publish(self.worker_id, events)
+                await self.index.report(self.worker_id, self.engine.stats())
+            except Exception:  # the index is an accelerator: never let it stop the worker
+                logger.exception("publishing KV events failed")
+            await asyncio.sleep(self.publish_interval_s)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+        stats = self.engine.stats()
+        if stats["num_requests_waiting"] >= self.max_waiting:
+            raise WorkerOverloadedError(
+                f"worker {self.worker_id} has {stats['num_requests_waiting']} requests waiting"
+            )
+        try:
+            params = SamplingParams(**request.sampling)
+        except (TypeError, ValueError) as error:
+            raise RequestRejectedError(str(error)) from None
+        stream = self.engine.generate(
+            request.prompt_token_ids, params, request.request_id, request.priority
+        )
+        try:
+            async for delta in stream:
+                yield StreamDelta(
+                    text=delta.new_text,
+                    token_ids=delta.new_token_ids,
+                    finished=delta.finished,
+                    finish_reason=delta.finish_reason,
+                    logprobs=[(lp.token_id, lp.logprob, lp.top) for lp in delta.new_logprobs]
+                    if delta.new_logprobs
+                    else None,
+                    num_prompt_tokens=delta.num_prompt_tokens,
+                    num_cached_tokens=delta.num_cached_tokens,
+                    num_output_tokens=delta.num_output_tokens,
+                    worker_id=self.worker_id,
+                )
+        except ValueError as error:
+            raise RequestRejectedError(str(error)) from None
+        finally:
+            await stream.aclose()
+
+    def record_routing_stats(self) -> dict[str, float]:
+        stats = self.engine.stats()
+        return {
+            "num_running": stats["num_requests_running"],
+            "num_waiting": stats["num_requests_waiting"],
+            "kv_usage": stats["kv_cache_usage"],
+        }
+
+    async def stats(self) -> dict:
+        return {"worker_id": self.worker_id, **self.engine.stats()}
+
+    def check_health(self) -> None:
+        if not self.engine.alive:
+            raise RuntimeError("the engine loop has stopped")
+
+    async def __del__(self) -> None:
+        self._publisher.cancel()
+        with contextlib.suppress(Exception):
+            await self.index.remove_worker(self.worker_id)
+        self.engine.shutdown()
