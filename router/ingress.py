@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray.exceptions
+from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -33,17 +37,35 @@ class ServeBackend:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle.options(stream=True)
 
+    def _call(self, request: GenerateRequest):
+        """Start the call under a fresh internal request id. Serve otherwise gives every call
+        made while serving one HTTP request that request's id, and its router then confuses
+        concurrent calls (the n > 1 choices of one request): one gets routed twice, one never.
+        """
+
+        def remote():
+            serve_context._set_request_context(_internal_request_id=uuid.uuid4().hex)
+            return self.handle.generate.remote(request)
+
+        return contextvars.copy_context().run(remote)
+
     async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
-        response = self.handle.generate.remote(request)
+        response = self._call(request)
+        finished = False
         try:
             async for delta in response:
                 yield delta
+            finished = True
         except BackPressureError as error:
+            finished = True
             raise WorkerOverloadedError(str(error)) from None
         except DeploymentUnavailableError as error:
+            finished = True
             raise WorkerUnavailableError(str(error)) from None
         finally:
-            response.cancel()  # a client that left mid-stream aborts the request on its worker
+            if not finished:  # the client left mid-stream: abort the request on its worker
+                with contextlib.suppress(Exception):
+                    response.cancel()
 
 
 class Ingress:

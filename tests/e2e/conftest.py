@@ -1,0 +1,107 @@
+"""A real Ray cluster, a real Redis server and the real Serve application, for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+import ray
+from ray import serve
+
+from cluster.app import build_app
+from cluster.config import ClusterConfig, EngineSettings
+from kvstore.index_actor import kill_index_actor
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server on its own port, which a test may stop and start again."""
+
+    def __init__(self) -> None:
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@dataclass
+class Served:
+    base_url: str
+    model_name: str
+    model_dir: str
+    index: str
+    redis: RedisServer | None
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[int]:
+    """Ray and Serve, started once; yields the HTTP port."""
+    ray.init(include_dashboard=False, num_cpus=4, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module", params=["embedded", "redis"])
+def served(request, ray_cluster, tiny_model) -> Iterator[Served]:
+    """The app on two workers, with the embedded index or with a Redis index."""
+    redis = None
+    if request.param == "redis":
+        redis = RedisServer()
+        redis.start()
+    name = f"tiny-{request.param}"
+    config = ClusterConfig(
+        model=tiny_model,
+        served_model_name=name,
+        num_workers=2,
+        num_cpus_per_worker=0.5,
+        redis_url=redis.url if redis else None,
+        max_ongoing_requests=6,
+        max_queued_requests=6,
+        publish_interval_s=0.1,
+        engine=EngineSettings(num_blocks=96, max_num_seqs=8, max_num_batched_tokens=256),
+    )
+    serve.run(build_app(config), name="manta", route_prefix="/")
+    yield Served(f"http://127.0.0.1:{ray_cluster}", name, tiny_model, request.param, redis)
+    serve.delete("manta")
+    kill_index_actor(name)
+    if redis is not None:
+        redis.stop()

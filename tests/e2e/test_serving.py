@@ -1,0 +1,211 @@
+"""The served cluster through the official `openai` client and raw HTTP: same text as the
+offline engine, prefix-aware routing, OpenAI-style errors, overload, disconnects, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import openai
+import pytest
+import ray
+
+from workers import LLM, SamplingParams
+
+SYSTEM = (
+    "You are a careful assistant for the accounting team of a large company. Answer briefly, "
+    "cite the policy section you rely on, and never invent numbers that are not in the question."
+)
+
+
+@pytest.fixture(scope="module")
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model) -> LLM:
+    return LLM(tiny_model, num_blocks=96)
+
+
+def worker_metric(served, name: str) -> dict[str, float]:
+    text = httpx.get(served.base_url + "/metrics").text
+    pattern = rf'^{name}{{worker="([^"]+)"}} ([0-9.e+-]+)$'
+    return {w: float(v) for w, v in re.findall(pattern, text, flags=re.M)}
+
+
+def wait_pools_whole(served, timeout_s: float = 10.0) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        usage = worker_metric(served, "manta_kv_cache_usage_ratio")
+        running = worker_metric(served, "manta_num_requests_running")
+        if len(usage) == 2 and not any(usage.values()) and not any(running.values()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"KV pools not whole: usage {usage}, running {running}")
+
+
+def test_completion_text_equals_offline_engine(served, client, offline):
+    prompt = "The history of the printing press"
+    got = client.completions.create(
+        model=served.model_name, prompt=prompt, max_tokens=24, temperature=0
+    )
+    want = offline.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert got.choices[0].text == want.outputs[0].text
+    assert got.choices[0].finish_reason == want.outputs[0].finish_reason
+    assert got.usage.prompt_tokens == len(want.prompt_token_ids)
+    assert got.usage.completion_tokens == len(want.outputs[0].token_ids)
+
+
+def test_chat_stream_equals_non_stream_and_offline(served, client, offline):
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi 👋"}]
+    whole = client.chat.completions.create(
+        model=served.model_name, messages=messages, max_tokens=20, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=served.model_name,
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    tok = offline.tokenizer
+    ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    want = offline.generate(ids, SamplingParams(max_tokens=20, temperature=0))[0].outputs[0]
+    assert whole.choices[0].message.content == want.text
+
+
+def test_stop_seeds_n_and_logprobs(served, client):
+    name = served.model_name
+    base = client.completions.create(model=name, prompt="Once upon", max_tokens=16, temperature=0)
+    text = base.choices[0].text
+    stop = text[6:9]
+    cut = client.completions.create(
+        model=name, prompt="Once upon", max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    sampled = [
+        client.completions.create(
+            model=name, prompt="Once upon", max_tokens=12, temperature=1.0, seed=seed
+        ).choices[0].text
+        for seed in (7, 7, 8)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]
+    several = client.completions.create(
+        model=name, prompt="Once upon", max_tokens=6, temperature=1.0, n=3, seed=1, logprobs=2
+    )
+    assert sorted(c.index for c in several.choices) == [0, 1, 2]
+    assert all(len(c.logprobs.top_logprobs[0]) <= 2 for c in several.choices)
+    assert several.usage.completion_tokens == sum(
+        len(c.logprobs.tokens) for c in several.choices
+    )
+
+
+def test_shared_system_prompt_lands_where_its_cache_is(served, client):
+    system = "Payroll desk. " + SYSTEM  # a prompt no earlier test has sent
+    before = worker_metric(served, "manta_prefix_cache_hits_total")
+    cached = []
+    for question in ["What is VAT?", "Define accrual.", "Who signs invoices?", "When to audit?"]:
+        out = client.chat.completions.create(
+            model=served.model_name,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4,
+            temperature=0,
+        )
+        cached.append(out.usage.prompt_tokens_details.cached_tokens)
+        time.sleep(0.3)  # let the worker publish its new blocks to the index
+    assert cached[0] == 0
+    assert all(c >= 32 for c in cached[1:]), cached  # every later request hit the cache
+    time.sleep(0.3)
+    after = worker_metric(served, "manta_prefix_cache_hits_total")
+    gained = {w: after[w] - before.get(w, 0) for w in after}
+    # Every hit landed on one worker: the one holding the prompt.
+    assert sorted(gained.values()) == [0, sum(cached)], gained
+
+
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/v1/completions", "{not json", 400, "parse the JSON"),
+        ("/v1/completions", {"model": "M", "prompt": "hi", "bogus": 1}, 400, "bogus"),
+        ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": "hot"}, 400, "temper"),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+        ("/v1/completions", {"model": "M", "prompt": "hi " * 3000}, 400, "context length"),
+        ("/v1/chat/completions", {"model": "M", "messages": []}, 400, "messages"),
+        ("/v1/completions", {"model": "M", "prompt": [5, 10**7]}, 400, "token ids"),
+    ],
+)
+def test_bad_input_gets_openai_errors(served, path, body, status, needle):
+    if isinstance(body, dict):
+        body = {**body, "model": served.model_name if body["model"] == "M" else body["model"]}
+        response = httpx.post(served.base_url + path, json=body)
+    else:
+        response = httpx.post(
+            served.base_url + path, content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"] or needle == error["param"]
+
+
+def test_overload_gets_429_with_retry_after_and_disconnects_free_blocks(served):
+    body = {"model": served.model_name, "prompt": "a long tale", "max_tokens": 300,
+            "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+
+    async def storm() -> list[int]:
+        async with httpx.AsyncClient(base_url=served.base_url, timeout=60) as http:
+
+            async def one() -> int:
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    if response.status_code != 200:
+                        assert response.headers.get("retry-after") == "1"
+                        await response.aread()
+                        assert response.json()["error"]["code"] == "overloaded"
+                        return response.status_code
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {"):
+                            break  # hang up after the first chunk: a client disconnect
+                    return 200
+
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+    statuses = asyncio.run(storm())
+    assert 429 in statuses and 200 in statuses
+    wait_pools_whole(served)
+
+
+def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
+    if served.redis is not None:
+        served.redis.stop()  # Redis is an accelerator: routing falls back to load only
+    replicas = [
+        a for a in ray.util.list_named_actors(all_namespaces=True)
+        if "MantaWorker" in a["name"]
+    ]  # fmt: skip
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+
+    async def burst():
+        aclient = openai.AsyncOpenAI(base_url=served.base_url + "/v1", api_key="x", max_retries=0)
+        return await asyncio.gather(
+            *(
+                aclient.completions.create(
+                    model=served.model_name, prompt=f"question {i}", max_tokens=8, temperature=0
+                )
+                for i in range(8)
+            )
+        )
+
+    outs = asyncio.run(burst())
+    assert all(o.choices[0].finish_reason == "length" for o in outs)
+    if served.redis is not None:
+        served.redis.start()
