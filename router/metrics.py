@@ -24,6 +24,12 @@ WORKER_METRICS = {
     "kv_cache_usage": ("manta_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use."),
     "num_preemptions": ("manta_num_preemptions_total", "counter", "Requests preempted."),
     "generation_tokens": ("manta_generation_tokens_total", "counter", "Tokens generated."),
+    "kv_imported_blocks": (
+        "manta_kv_blocks_loaded_total", "counter", "Prefix KV blocks loaded from the store."
+    ),
+    "kv_exported_blocks": (
+        "manta_kv_blocks_shared_total", "counter", "Prefix KV blocks published to the store."
+    ),
     "spec_decode_proposed_tokens": (
         "manta_spec_decode_proposed_tokens_total", "counter", "Draft tokens proposed."
     ),

@@ -29,6 +29,7 @@ class _Submit:
     prompt: str | list[int]
     params: SamplingParams
     priority: int
+    kv_payloads: list | None
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -44,6 +45,7 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
         self._stats = engine.stats()
         self._events: collections.deque = collections.deque()  # KV events for the prefix index
+        self._exports: collections.deque = collections.deque()  # block payloads to share
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="manta-engine", daemon=True)
         self._thread.start()
@@ -58,6 +60,7 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        kv_payloads: list | None = None,
     ) -> AsyncIterator[RequestDelta]:
         """Streams the request's deltas; raises ValueError if the engine rejects it."""
         if self._stopped.is_set():
@@ -65,7 +68,9 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         sink: asyncio.Queue = asyncio.Queue()
         self._inbox.put(
-            _Submit(request_id, prompt, params, priority, sink, asyncio.get_running_loop())
+            _Submit(
+                request_id, prompt, params, priority, kv_payloads, sink, asyncio.get_running_loop()
+            )
         )
         finished = False
         try:
@@ -91,10 +96,11 @@ class AsyncEngine:
 
     def take_events(self) -> list:
         """Block stored/removed events since the last call (safe from any thread)."""
-        events = []
-        while self._events:
-            events.append(self._events.popleft())
-        return events
+        return _drain(self._events)
+
+    def take_exports(self) -> list:
+        """Hot block payloads to publish to the shared block store (safe from any thread)."""
+        return _drain(self._exports)
 
     @property
     def alive(self) -> bool:
@@ -121,6 +127,7 @@ class AsyncEngine:
                 continue
             self._deliver(deltas)
             self._events.extend(engine.kv.drain_events())
+            self._exports.extend(engine.take_exports())
             self._stats = engine.stats()
         self._fail_all(RuntimeError("the engine was shut down"))
 
@@ -141,7 +148,9 @@ class AsyncEngine:
     def _handle(self, item) -> None:
         if isinstance(item, _Submit):
             try:
-                self.engine.add_request(item.prompt, item.params, item.request_id, item.priority)
+                self.engine.add_request(
+                    item.prompt, item.params, item.request_id, item.priority, item.kv_payloads
+                )
             except Exception as error:
                 _call_in(item.loop, item.sink.put_nowait, error)
                 return
@@ -183,3 +192,10 @@ def _call_in(loop: asyncio.AbstractEventLoop, fn, *args) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _drain(items: collections.deque) -> list:
+    out = []
+    while items:
+        out.append(items.popleft())
+    return out

@@ -10,6 +10,7 @@ two methods.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -78,38 +79,40 @@ class StepTimeModel:
 
 
 class AdaptiveBatchingPolicy(BatchingPolicy):
-    """Largest prefill chunk that keeps running requests near an inter-token latency target.
+    """Sizes each step's prefill chunk by minimising a latency cost on a fitted step time.
 
-    With nothing decoding (or nothing waiting), latency is not at stake and the step takes the
-    full token budget. Otherwise the budget is the token count whose predicted step time meets
-    the target; when the queued prefill work is large, the target stretches so the backlog
-    clears in about `backlog_steps` steps instead of starving new requests of their first token.
+    A step of n tokens takes t(n) = a + b n (fitted online). With D requests decoding, W
+    waiting with P prompt tokens between them, and a prefill chunk of c tokens, a step costs
+        J(c) = latency_weight * D * t(D + c)        (each running request waits a step)
+             + W * (P / c) * t(D + c)               (waiting requests wait for the backlog)
+    whose minimum is at c* = sqrt(W P (a + b D) / (latency_weight D b)). Few decodes or a large
+    backlog give large chunks (throughput, time to first token); many decodes and a small
+    backlog give small ones (inter-token latency). With nothing decoding, or nothing
+    waiting, the step simply takes the whole budget.
     """
 
     def __init__(
         self,
         max_num_batched_tokens: int,
         max_num_seqs: int,
-        itl_target_s: float = 0.1,
+        latency_weight: float = 1.0,
         min_prefill_chunk: int = 32,
-        backlog_steps: int = 20,
     ) -> None:
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
-        self.itl_target_s = itl_target_s
+        self.latency_weight = latency_weight
         self.min_chunk = min_prefill_chunk
-        self.backlog_steps = backlog_steps
         self.model = StepTimeModel()
         self.last_budget = max_num_batched_tokens
 
     def limits(self, queue: QueueSnapshot) -> BatchLimits:
         budget = self.max_tokens
-        if queue.num_running and queue.num_waiting:
-            backlog_s = self.model.per_token * queue.num_waiting_tokens
-            target = max(self.itl_target_s, backlog_s / self.backlog_steps)
-            fit = int((target - self.model.overhead) / self.model.per_token)
-            floor = queue.num_running + self.min_chunk
-            budget = min(self.max_tokens, max(floor, fit))
+        decoding, waiting = queue.num_running, queue.num_waiting
+        if decoding and waiting:
+            a, b = self.model.overhead, self.model.per_token
+            backlog = waiting * queue.num_waiting_tokens * (a + b * decoding)
+            chunk = math.sqrt(backlog / (self.latency_weight * decoding * b))
+            budget = min(self.max_tokens, decoding + max(self.min_chunk, int(chunk)))
         self.last_budget = budget
         return BatchLimits(budget, self.max_seqs)
 

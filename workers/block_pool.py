@@ -74,6 +74,18 @@ class FreeBlockQueue:
         self._tail.prev_free = block
         self._len += 1
 
+    def appendleft(self, block: KVBlock) -> None:
+        """Link ``block`` at the head (the next to be taken)."""
+        if block.prev_free is not None:
+            raise ValueError(f"{block} is already in the free queue")
+        first = self._head.next_free
+        assert first is not None
+        block.prev_free = self._head
+        block.next_free = first
+        first.prev_free = block
+        self._head.next_free = block
+        self._len += 1
+
     def remove(self, block: KVBlock) -> None:
         """Unlink ``block`` from anywhere in the queue."""
         prev, nxt = block.prev_free, block.next_free
@@ -183,13 +195,18 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
-        """Drop one reference on each block in order; unreferenced ones join the queue tail."""
+        """Drop one reference on each block in order. An unreferenced cached block joins the
+        queue tail (most recently used); an uncached one the head, since it holds nothing
+        worth keeping and reusing it first lets cached blocks survive longer."""
         for block in blocks:
             if block.ref_cnt <= 0:
                 raise ValueError(f"double free of {block}")
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self._free.append(block)
+                if block.block_hash is None:
+                    self._free.appendleft(block)
+                else:
+                    self._free.append(block)
 
     def cache_block(self, block: KVBlock, block_hash: int, token_ids: Sequence[int]) -> None:
         """Register a full, referenced block under ``block_hash``.

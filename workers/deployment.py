@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from ray import serve
 
+from kvstore.block_store import BlockStore
 from kvstore.index import PrefixIndex, make_index
 from kvstore.index_actor import ActorPrefixIndex
 from kvstore.messages import (
@@ -25,6 +27,8 @@ from kvstore.messages import (
 )
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
+from workers.kv_transfer import LoadCostModel
+from workers.model.paged_cache import kv_block_bytes
 from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,6 +53,12 @@ class WorkerDeployment:
         )
         self.max_waiting = max_waiting
         self.publish_interval_s = publish_interval_s
+        # Hot system-prompt KV is shared through Redis when the cluster has one.
+        self.block_store = BlockStore(redis_url, namespace) if redis_url else None
+        self.load_cost = LoadCostModel()
+        self.block_bytes = kv_block_bytes(
+            self.engine.engine.model_config, engine_config.block_size, self.engine.engine.dtype
+        )
         self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
 
     async def _publish_loop(self) -> None:
@@ -57,6 +67,9 @@ class WorkerDeployment:
                 events = self.engine.take_events()
                 if events:
                     await self.index.publish(self.worker_id, events)
+                exports = self.engine.take_exports()
+                if exports and self.block_store is not None:
+                    await self.block_store.put(exports)
                 await self.index.report(self.worker_id, self.engine.stats())
             except Exception:  # the index is an accelerator: never let it stop the worker
                 logger.exception("publishing KV events failed")
@@ -72,8 +85,9 @@ class WorkerDeployment:
             params = SamplingParams(**request.sampling)
         except (TypeError, ValueError) as error:
             raise RequestRejectedError(str(error)) from None
+        payloads = await self._fetch_shared_prefix(request.prompt_token_ids)
         stream = self.engine.generate(
-            request.prompt_token_ids, params, request.request_id, request.priority
+            request.prompt_token_ids, params, request.request_id, request.priority, payloads
         )
         try:
             async for delta in stream:
@@ -94,6 +108,31 @@ class WorkerDeployment:
             raise RequestRejectedError(str(error)) from None
         finally:
             await stream.aclose()
+
+    async def _fetch_shared_prefix(self, token_ids: list[int]) -> list | None:
+        """KV of the prompt's leading blocks from the shared store, when this worker lacks
+        them and loading is expected to beat recomputing them."""
+        transfer = self.engine.engine.transfer
+        if self.block_store is None or transfer is None:
+            return None
+        hashes = transfer.block_hashes(token_ids)
+        # Read from this thread while the engine thread runs: at worst a stale answer, which
+        # only changes what is fetched; the engine verifies every payload it loads.
+        missing = hashes[transfer.num_cached_leading(token_ids, hashes) :]
+        if not missing:
+            return None
+        per_token = self.engine.stats().get("batching_step_seconds_per_token", 1e-3)
+        num_bytes = len(missing) * self.block_bytes
+        block_size = self.engine.engine.config.block_size
+        if not self.load_cost.should_load(num_bytes, len(missing) * block_size, per_token):
+            return None
+        started = time.perf_counter()
+        found = await self.block_store.get_many(missing)
+        payloads = [p for p in found if p is not None]
+        if payloads:
+            got = sum(len(p.data) for p in payloads)
+            self.load_cost.observe(got, time.perf_counter() - started)
+        return payloads or None
 
     def record_routing_stats(self) -> dict[str, float]:
         stats = self.engine.stats()

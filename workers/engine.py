@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.block_store import BlockPayload
 from workers.batching_policy import AdaptiveBatchingPolicy, BatchingPolicy, FixedBatchingPolicy
 from workers.block_pool import BlockPool
 from workers.kv_cache import KVCacheManager
+from workers.kv_transfer import KVTransfer
 from workers.model.config import ModelConfig
 from workers.model.loader import load_model
 from workers.model.paged_cache import allocate_kv_cache, num_blocks_for_budget
@@ -46,7 +48,10 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     batching: str = "adaptive"  # "adaptive" or "fixed"
-    itl_target_s: float = 0.1  # the adaptive policy's inter-token latency target
+    latency_weight: float = 1.0  # adaptive batching: running requests' latency vs the queue's
+    # Export hot prompt blocks for other workers and accept theirs (see workers/kv_transfer.py).
+    enable_kv_sharing: bool = False
+    kv_share_after: int = 2  # prompts a block must appear in before it is exported
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,7 +67,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         torch.manual_seed(config.seed)
-        dtype = DTYPES[config.dtype]
+        dtype = self.dtype = DTYPES[config.dtype]
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.tokenizer = Tokenizer.from_pretrained(config.model)
         self.model = load_model(config.model, dtype=dtype, device=config.device)
@@ -90,7 +95,7 @@ class Engine:
             policy = FixedBatchingPolicy(config.max_num_batched_tokens, config.max_num_seqs)
         else:
             policy = AdaptiveBatchingPolicy(
-                config.max_num_batched_tokens, config.max_num_seqs, config.itl_target_s
+                config.max_num_batched_tokens, config.max_num_seqs, config.latency_weight
             )
         self.scheduler = Scheduler(sched_config, self.kv, policy)
         self.runner = ModelRunner(
@@ -102,6 +107,11 @@ class Engine:
             self.max_model_len,
         )
         self.sampler = Sampler()
+        self.transfer = (
+            KVTransfer(self.kv, self.kv_caches, config.kv_share_after)
+            if config.enable_kv_sharing
+            else None
+        )
         self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(
             self.model_config.eos_token_ids
         )
@@ -120,8 +130,12 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        kv_payloads: list[BlockPayload] | None = None,
     ) -> Request:
-        """Queue a request; raises ValueError (naming the problem) if it can never run."""
+        """Queue a request; raises ValueError (naming the problem) if it can never run.
+
+        `kv_payloads`: KV blocks of the prompt's prefix fetched from the shared block store,
+        loaded into the prefix cache instead of being recomputed (after verification)."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
@@ -141,7 +155,15 @@ class Engine:
         )
         self.scheduler.add_request(request)
         self._states[request.request_id] = RequestOutputState(request, self.tokenizer)
+        if self.transfer is not None:
+            if kv_payloads:
+                self.transfer.import_prefix(token_ids, kv_payloads)
+            self.transfer.observe_prompt(token_ids, self.transfer.block_hashes(token_ids))
         return request
+
+    def take_exports(self) -> list[BlockPayload]:
+        """Hot prompt blocks computed since the last call, for the shared block store."""
+        return self.transfer.collect_exports() if self.transfer is not None else []
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already done."""
@@ -217,6 +239,8 @@ class Engine:
         stats["num_preemptions"] = self.scheduler.num_preemptions
         stats["kv_cache_usage"] = self.kv.pool.usage
         stats["block_size"] = self.config.block_size
+        if self.transfer is not None:
+            stats.update(self.transfer.counters)
         for key, value in self.scheduler.policy.describe().items():
             stats[f"batching_{key}"] = value
         return stats

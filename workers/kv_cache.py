@@ -96,16 +96,22 @@ class KVCacheManager:
         tokens count as computed. Returns False, changing nothing, if the pool is short of
         blocks (matched blocks that are currently free count as consumed).
         """
+        num_needed = -(-num_tokens // self.block_size)
         state = self._requests.get(request_id)
-        if state is not None and prefix is not None:
-            raise ValueError(f"request {request_id!r} already has blocks; prefix not taken")
-        cached = prefix.blocks if prefix is not None else []
-        num_held = len(state.blocks) if state is not None else len(cached)
-        num_new = max(0, -(-num_tokens // self.block_size) - num_held)
-        num_revived = 0
-        if num_new + num_revived > self.pool.num_free_blocks:
-            return False
-        if state is None:
+        if state is not None:
+            if prefix is not None:
+                raise ValueError(f"request {request_id!r} already has blocks; prefix not taken")
+            num_new = num_needed - len(state.blocks)
+            if num_new <= 0:  # the common decode step: the last block still has room
+                return True
+            if num_new > self.pool.num_free_blocks:
+                return False
+        else:
+            cached = prefix.blocks if prefix is not None else []
+            num_new = max(0, num_needed - len(cached))
+            num_revived = sum(1 for block in cached if block.ref_cnt == 0)
+            if num_new + num_revived > self.pool.num_free_blocks:
+                return False
             state = self._admit(request_id, prefix)
         if num_new:
             new_blocks = self.pool.allocate(num_new)
@@ -128,12 +134,13 @@ class KVCacheManager:
         if num_computed_tokens > len(state.blocks) * self.block_size:
             raise ValueError(f"{num_computed_tokens} tokens exceed the allocated slots")
         state.num_computed_tokens = num_computed_tokens
-        if not self.pool.enable_caching:
-            return
         size = self.block_size
         hashes = state.block_hashes
+        num_full = num_computed_tokens // size
+        if num_full == len(hashes) or not self.pool.enable_caching:
+            return
         parent = hashes[-1] if hashes else ROOT_HASH
-        for index in range(len(hashes), num_computed_tokens // size):
+        for index in range(len(hashes), num_full):
             chunk = token_ids[index * size : (index + 1) * size]
             parent = hash_block(parent, chunk, self.extra_key)
             hashes.append(parent)

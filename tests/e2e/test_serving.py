@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 import ray
+from ray import serve
 
 from workers import LLM, SamplingParams
 
@@ -22,7 +23,9 @@ SYSTEM = (
 
 @pytest.fixture(scope="module")
 def client(served) -> openai.OpenAI:
-    return openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(
+        base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=60
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +48,17 @@ def wait_pools_whole(served, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"KV pools not whole: usage {usage}, running {running}")
+
+
+def wait_workers_running(count: int = 2, timeout_s: float = 60.0) -> None:
+    """Until the controller reports `count` worker replicas running (after a kill)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        states = serve.status().applications["manta"].deployments["MantaWorker"].replica_states
+        if states.get("RUNNING", 0) >= count and len(states) == 1:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"workers not back: {states}")
 
 
 def test_completion_text_equals_offline_engine(served, client, offline):
@@ -96,7 +110,9 @@ def test_stop_seeds_n_and_logprobs(served, client):
     sampled = [
         client.completions.create(
             model=name, prompt="Once upon", max_tokens=12, temperature=1.0, seed=seed
-        ).choices[0].text
+        )
+        .choices[0]
+        .text
         for seed in (7, 7, 8)
     ]
     assert sampled[0] == sampled[1] != sampled[2]
@@ -105,9 +121,7 @@ def test_stop_seeds_n_and_logprobs(served, client):
     )
     assert sorted(c.index for c in several.choices) == [0, 1, 2]
     assert all(len(c.logprobs.top_logprobs[0]) <= 2 for c in several.choices)
-    assert several.usage.completion_tokens == sum(
-        len(c.logprobs.tokens) for c in several.choices
-    )
+    assert several.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in several.choices)
 
 
 def test_shared_system_prompt_lands_where_its_cache_is(served, client):
@@ -185,7 +199,39 @@ def test_overload_gets_429_with_retry_after_and_disconnects_free_blocks(served):
     wait_pools_whole(served)
 
 
+def test_second_worker_loads_a_hot_system_prompt_instead_of_recomputing(served, client):
+    system = "Travel desk. " + SYSTEM
+    ask = lambda q: client.chat.completions.create(  # noqa: E731
+        model=served.model_name,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": q}],
+        max_tokens=6,
+        temperature=0,
+    )
+    wait_workers_running()
+    before = worker_metric(served, "manta_prefix_cache_queries_total")
+    ask("Book a flight.")
+    ask("Cancel my hotel.")  # the second sighting makes the prompt's blocks hot: exported
+    time.sleep(0.5)
+    queries = worker_metric(served, "manta_prefix_cache_queries_total")
+    (holder,) = [w for w in queries if queries[w] > before.get(w, 0)]
+    name = next(
+        a for a in ray.util.list_named_actors(all_namespaces=True) if holder in a["name"]
+    )  # fmt: skip
+    ray.kill(ray.get_actor(name["name"], namespace=name["namespace"]))
+    reply = ask("Where is my luggage?")  # lands on a worker that never saw the prompt
+    loaded = worker_metric(served, "manta_kv_blocks_loaded_total")
+    if served.redis is None:  # no Redis, no block store: the other worker recomputes
+        assert reply.usage.prompt_tokens_details.cached_tokens == 0
+        assert not any(loaded.values())
+    else:
+        assert reply.usage.prompt_tokens_details.cached_tokens >= 32
+        assert sum(loaded.values()) >= 2
+    expected = ask("Where is my luggage?")  # same worker, now from its own cache
+    assert reply.choices[0].message.content == expected.choices[0].message.content
+
+
 def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
+    wait_workers_running()
     if served.redis is not None:
         served.redis.stop()  # Redis is an accelerator: routing falls back to load only
     replicas = [
@@ -201,7 +247,7 @@ def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
                 aclient.completions.create(
                     model=served.model_name, prompt=f"question {i}", max_tokens=8, temperature=0
                 )
-                for i in range(8)
+                for i in range(5)  # within the router queue limit (6): all are accepted
             )
         )
 
@@ -209,3 +255,4 @@ def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
     assert all(o.choices[0].finish_reason == "length" for o in outs)
     if served.redis is not None:
         served.redis.start()
+    wait_workers_running()
