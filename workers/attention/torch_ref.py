@@ -1,8 +1,8 @@
 """The reference attention backend in plain PyTorch: correct for any mix of prefill and decode.
 
-Decode sequences (one query token) are attended in one batched call over their gathered
-blocks; sequences with several query tokens (prefill, chunked prefill, speculative
-verification) are attended one by one with an explicit causal mask offset by their cached
+Sequences with few query tokens (decode, speculative verification) are attended in one batched
+call over their gathered blocks, queries padded to the longest; sequences with many (prefill,
+chunked prefill) are attended one by one with an explicit causal mask offset by their cached
 context. This is the CPU path and the oracle the GPU kernels are tested against.
 """
 
@@ -15,14 +15,18 @@ import torch.nn.functional as F
 
 from workers.attention.base import AttentionBackend, AttentionMetadata
 
+# Sequences with at most this many query tokens take the batched path.
+BATCHED_QUERY_LIMIT = 16
+
 
 @dataclass
 class _Plan:
     """Per-step work split, computed once and shared by every layer."""
 
-    decode_tokens: torch.Tensor | None  # token indices of single-query sequences
-    decode_tables: torch.Tensor | None  # [Bd, num_blocks] their block tables
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] which gathered keys are visible
+    batch_tokens: torch.Tensor | None  # [Bb, Q] token index of each query slot (0 if padding)
+    batch_valid: torch.Tensor | None  # [Bb, Q] which query slots are real
+    batch_tables: torch.Tensor | None  # [Bb, num_blocks] their block tables
+    batch_mask: torch.Tensor | None  # [Bb, 1, Q, L] which gathered keys each query sees
     # (first token index, query length, context length, sequence index, mask or None)
     multi: list[tuple[int, int, int, int, torch.Tensor | None]]
 
@@ -39,24 +43,35 @@ def _visible(q_pos: torch.Tensor, k_len: int, window: int | None) -> torch.Tenso
 def _make_plan(meta: AttentionMetadata, window: int | None) -> _Plan:
     bs = meta.block_size
     starts = meta.query_start_loc.tolist()
-    decode_idx = [i for i, q in enumerate(meta.query_lens_list) if q == 1]
-    decode_tokens = decode_tables = decode_mask = None
-    if decode_idx:
-        lens = meta.seq_lens[decode_idx]
+    short = [i for i, q in enumerate(meta.query_lens_list) if q <= BATCHED_QUERY_LIMIT]
+    tokens = valid = tables = mask = None
+    if short:
+        lens = meta.seq_lens[short]
+        q_lens = torch.tensor([meta.query_lens_list[i] for i in short])
+        slots = torch.arange(int(q_lens.max()))
+        valid = slots[None, :] < q_lens[:, None]
+        tokens = torch.tensor([starts[i] for i in short])[:, None] + slots[None, :]
+        tokens = torch.where(valid, tokens, 0)
         num_blocks = -(-int(lens.max()) // bs)
-        decode_tokens = torch.tensor([starts[i] for i in decode_idx], dtype=torch.int64)
-        decode_tables = meta.block_tables[decode_idx, :num_blocks]
-        mask = _visible(lens - 1, num_blocks * bs, window)
-        mask &= torch.arange(num_blocks * bs)[None, :] < lens[:, None]
-        decode_mask = mask[:, None, None, :]
+        tables = meta.block_tables[short, :num_blocks]
+        q_pos = (lens - q_lens)[:, None] + slots[None, :]  # [Bb, Q] absolute positions
+        k_pos = torch.arange(num_blocks * bs)
+        mask = k_pos[None, None, :] <= q_pos[:, :, None]
+        if window is not None:
+            mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
+        # Padding query slots see key 0 only, so softmax stays finite; their output is dropped.
+        mask |= ~valid[:, :, None] & (k_pos == 0)[None, None, :]
+        mask = mask[:, None]
     multi = []
     for i, (q_len, s_len) in enumerate(zip(meta.query_lens_list, meta.seq_lens_list)):
-        if q_len == 1:
+        if q_len <= BATCHED_QUERY_LIMIT:
             continue
         needs_mask = q_len != s_len or (window is not None and window < s_len)
-        mask = _visible(torch.arange(s_len - q_len, s_len), s_len, window) if needs_mask else None
-        multi.append((starts[i], q_len, s_len, i, mask))
-    return _Plan(decode_tokens, decode_tables, decode_mask, multi)
+        seq_mask = (
+            _visible(torch.arange(s_len - q_len, s_len), s_len, window) if needs_mask else None
+        )
+        multi.append((starts[i], q_len, s_len, i, seq_mask))
+    return _Plan(tokens, valid, tables, mask, multi)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -77,20 +92,21 @@ class TorchAttentionBackend(AttentionBackend):
         flat_v.index_copy_(0, meta.slot_mapping, value)
 
         out = torch.empty_like(query)
-        if plan.decode_tokens is not None:
-            batch = plan.decode_tables.shape[0]
-            k = key_cache[plan.decode_tables].view(batch, -1, num_kv_heads, head_dim)
-            v = value_cache[plan.decode_tables].view(batch, -1, num_kv_heads, head_dim)
-            q = query[plan.decode_tokens].unsqueeze(2)  # [Bd, H, 1, D]
+        if plan.batch_tokens is not None:
+            batch = plan.batch_tables.shape[0]
+            k = key_cache[plan.batch_tables].view(batch, -1, num_kv_heads, head_dim)
+            v = value_cache[plan.batch_tables].view(batch, -1, num_kv_heads, head_dim)
+            q = query[plan.batch_tokens].transpose(1, 2)  # [Bb, H, Q, D]
             o = F.scaled_dot_product_attention(
                 q,
                 k.transpose(1, 2),
                 v.transpose(1, 2),
-                attn_mask=plan.decode_mask,
+                attn_mask=plan.batch_mask,
                 scale=scale,
                 enable_gqa=True,
             )
-            out[plan.decode_tokens] = o.squeeze(2)
+            o = o.transpose(1, 2)  # [Bb, Q, H, D]
+            out[plan.batch_tokens[plan.batch_valid]] = o[plan.batch_valid]
         bs = meta.block_size
         for start, q_len, s_len, seq, mask in plan.multi:
             q = query[start : start + q_len].transpose(0, 1).unsqueeze(0)
