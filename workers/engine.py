@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from kvstore.block_store import BlockPayload
-from workers.batching_policy import AdaptiveBatchingPolicy, BatchingPolicy, FixedBatchingPolicy
+from workers.batching_policy import (
+    AdaptiveBatchingPolicy,
+    BatchingPolicy,
+    FixedBatchingPolicy,
+    StepTimeModel,
+)
 from workers.block_pool import BlockPool
 from workers.kv_cache import KVCacheManager
 from workers.kv_transfer import KVTransfer
@@ -28,6 +33,9 @@ from workers.request import Request
 from workers.sampler import Sampler, SamplingBatch, make_generator
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig
+from workers.spec_decode.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from workers.spec_decode.decoder import SpecDecoder
+from workers.spec_decode.draft import DraftModelProposer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -51,6 +59,8 @@ class EngineConfig:
     latency_weight: float = 1.0  # adaptive batching: running requests' latency vs the queue's
     # Export hot prompt blocks for other workers and accept theirs (see workers/kv_transfer.py).
     enable_kv_sharing: bool = False
+    # {"method": "ngram" | "draft", "num_speculative_tokens": k | "auto", "model": DIR, ...}
+    speculative: dict | None = None
     kv_share_after: int = 2  # prompts a block must appear in before it is exported
     seed: int = 0
 
@@ -98,6 +108,8 @@ class Engine:
                 config.max_num_batched_tokens, config.max_num_seqs, config.latency_weight
             )
         self.scheduler = Scheduler(sched_config, self.kv, policy)
+        self.spec = self._make_spec_decoder(num_blocks) if config.speculative else None
+        self.step_time = StepTimeModel()  # what a step of n tokens costs, for speculation
         self.runner = ModelRunner(
             self.model,
             self.kv_caches,
@@ -105,6 +117,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.max_num_seqs,
             self.max_model_len,
+            max_query_tokens_per_seq=MAX_SPECULATIVE_TOKENS + 1 if self.spec else 1,
         )
         self.sampler = Sampler()
         self.transfer = (
@@ -118,6 +131,23 @@ class Engine:
         self._states: dict[str, RequestOutputState] = {}
         self._ids = itertools.count()
         self.counters = {"steps": 0, "scheduled_tokens": 0, "generation_tokens": 0}
+
+    def _make_spec_decoder(self, num_blocks: int) -> SpecDecoder:
+        spec = SpeculativeConfig.from_dict(self.config.speculative)
+        draft = None
+        if spec.method == "draft":
+            draft = DraftModelProposer(
+                spec.model,
+                self.dtype,
+                self.config.device,
+                self.config.block_size,
+                spec.draft_num_blocks or num_blocks,
+                self.config.max_num_seqs,
+                self.max_model_len,
+                self.hash_key,
+                self.model_config.vocab_size,
+            )
+        return SpecDecoder(spec, draft)
 
     @property
     def hash_key(self) -> bytes:
@@ -167,7 +197,7 @@ class Engine:
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks; False if it is unknown or already done."""
-        self._states.pop(request_id, None)
+        self._forget(request_id)
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
@@ -175,60 +205,128 @@ class Engine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
+        spec = self.spec
+        if spec is not None:
+            spec.plan(self.scheduler.running, self.step_time.overhead, self.step_time.per_token)
         out = self.scheduler.schedule()
+        if spec is not None:
+            for request in out.preempted:  # its draft KV is recomputed with its target KV
+                spec.forget(request.request_id)
         if not out:
             return []
         started = time.perf_counter()
-        requests = out.requests
+        requests, counts = out.requests, out.num_scheduled_tokens
+        drafts: list[list[int]] = [[] for _ in requests]
+        draft_probs: list = [None] * len(requests)
+        if spec is not None:
+            room = [i for i, n in enumerate(counts) if n > 1 and requests[i].spec_k]
+            proposals = spec.propose([requests[i] for i in room], [counts[i] - 1 for i in room])
+            for i, (tokens, q) in zip(room, proposals):
+                drafts[i], draft_probs[i], counts[i] = tokens, q, 1 + len(tokens)
         # A request samples once its scheduled tokens reach the end of what it knows.
-        sampling = [
-            r.num_computed_tokens + n == r.num_tokens
-            for r, n in zip(requests, out.num_scheduled_tokens)
+        sampling = [r.num_computed_tokens + n >= r.num_tokens for r, n in zip(requests, counts)]
+        rows = [
+            list(range(n)) if d else [n - 1] if s else []
+            for n, d, s in zip(counts, drafts, sampling)
         ]
         logits = self.runner.execute(
-            [r.token_ids for r in requests],
+            [r.token_ids + d if d else r.token_ids for r, d in zip(requests, drafts)],
             [r.num_computed_tokens for r in requests],
-            out.num_scheduled_tokens,
+            counts,
             [self.kv.block_table(r.request_id) for r in requests],
-            [[n - 1] if s else [] for n, s in zip(out.num_scheduled_tokens, sampling)],
+            rows,
         )
-        self.scheduler.update_after_step(out)
-        to_sample = [r for r, s in zip(requests, sampling) if s]
-        deltas = self._sample_and_emit(to_sample, logits) if to_sample else []
-        self.scheduler.policy.observe(
-            out.total_tokens, len(requests), time.perf_counter() - started
-        )
+        offsets = [0]
+        for r in rows:
+            offsets.append(offsets[-1] + len(r))
+        emitted: list[list[int]] = [[] for _ in requests]
+        logprobs: list = [None] * len(requests)
+        plain = [i for i, s in enumerate(sampling) if s and not drafts[i]]
+        if plain:
+            tokens, lps = self._sample(
+                [requests[i] for i in plain], logits[[offsets[i] for i in plain]]
+            )
+            for i, token, lp in zip(plain, tokens, lps):
+                emitted[i], logprobs[i] = [token], lp
+        verified = [i for i, d in enumerate(drafts) if d]
+        if verified:
+            spans = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in verified])
+            outs = spec.verify(
+                [requests[i] for i in verified],
+                [drafts[i] for i in verified],
+                [draft_probs[i] for i in verified],
+                logits[spans],
+            )
+            for i, tokens in zip(verified, outs):
+                emitted[i] = tokens
+        deltas = [
+            self._emit(r, tokens, logprobs[i])
+            for i, (r, tokens) in enumerate(zip(requests, emitted))
+            if tokens
+        ]
+        # KV is valid for the last token known before the step plus the accepted drafts.
+        computed = [len(e) if d else n for n, d, e in zip(counts, drafts, emitted)]
+        self.scheduler.update_after_step(out, computed)
+        for i in verified:
+            request = requests[i]
+            if not request.status.finished:
+                self.kv.truncate(request.request_id, request.num_computed_tokens)
+                spec.sync(request)
+        seconds = time.perf_counter() - started
+        self.scheduler.policy.observe(out.total_tokens, len(requests), seconds)
+        self.step_time.observe(out.total_tokens, seconds)
         self.counters["steps"] += 1
         self.counters["scheduled_tokens"] += out.total_tokens
-        self.counters["generation_tokens"] += len(to_sample)
+        self.counters["generation_tokens"] += sum(len(e) for e in emitted)
         return deltas
 
-    def _sample_and_emit(self, requests: list[Request], logits: torch.Tensor) -> list[RequestDelta]:
-        params = [r.params for r in requests]
+    def _sample(self, requests: list[Request], logits: torch.Tensor):
+        """One token per request, with its logprobs when the request asked for them."""
         batch = SamplingBatch.from_params(
-            params, [r.generator for r in requests], logits.shape[-1], device=logits.device
+            [r.params for r in requests],
+            [r.generator for r in requests],
+            logits.shape[-1],
+            device=logits.device,
         )
         sampled = self.sampler(logits, batch, batch.max_num_logprobs)
         token_ids = sampled.token_ids.tolist()
-        deltas = []
+        logprobs: list[TokenLogprobs | None] = []
         for i, request in enumerate(requests):
-            logprobs = None
-            if request.params.logprobs is not None and sampled.logprobs is not None:
-                top = {}
-                if sampled.top_logprobs is not None and request.params.logprobs:
-                    k = request.params.logprobs
-                    values, ids = sampled.top_logprobs
-                    top = dict(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
-                logprobs = TokenLogprobs(token_ids[i], float(sampled.logprobs[i]), top)
-            state = self._states[request.request_id]
-            delta, status = process_token(
-                request, state, token_ids[i], self.eos_token_ids, logprobs
-            )
+            if request.params.logprobs is None or sampled.logprobs is None:
+                logprobs.append(None)
+                continue
+            top = {}
+            if sampled.top_logprobs is not None and request.params.logprobs:
+                k = request.params.logprobs
+                values, ids = sampled.top_logprobs
+                top = dict(zip(ids[i, :k].tolist(), values[i, :k].tolist()))
+            logprobs.append(TokenLogprobs(token_ids[i], float(sampled.logprobs[i]), top))
+        return token_ids, logprobs
+
+    def _emit(self, request: Request, tokens: list[int], logprobs) -> RequestDelta:
+        """Append the step's tokens (one, or several after verification) until one ends it."""
+        state = self._states[request.request_id]
+        merged = None
+        for token in tokens:
+            delta, status = process_token(request, state, token, self.eos_token_ids, logprobs)
+            if merged is None:
+                merged = delta
+            else:
+                merged.new_token_ids += delta.new_token_ids
+                merged.new_text += delta.new_text
+                merged.finished, merged.finish_reason = delta.finished, delta.finish_reason
+                merged.num_output_tokens = delta.num_output_tokens
             if status is not None:
                 self.scheduler.finish(request, status)
-                del self._states[request.request_id]
-            deltas.append(delta)
-        return deltas
+                self._forget(request.request_id)
+                break
+        return merged
+
+    def _forget(self, request_id: str) -> None:
+        """Drop per-request state kept beside the scheduler (output, draft KV)."""
+        self._states.pop(request_id, None)
+        if self.spec is not None:
+            self.spec.forget(request_id)
 
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
@@ -241,6 +339,8 @@ class Engine:
         stats["block_size"] = self.config.block_size
         if self.transfer is not None:
             stats.update(self.transfer.counters)
+        if self.spec is not None:
+            stats.update(self.spec.stats())
         for key, value in self.scheduler.policy.describe().items():
             stats[f"batching_{key}"] = value
         return stats

@@ -20,14 +20,13 @@ class LLM:
         seed: int = 0,
         **engine_kwargs,
     ) -> None:
-        if speculative is not None:
-            raise ValueError("speculative decoding is not available in this build of the engine")
         self.engine = Engine(
             EngineConfig(
                 model=str(model),
                 dtype=dtype,
                 block_size=block_size,
                 enable_prefix_caching=enable_prefix_caching,
+                speculative=speculative,
                 seed=seed,
                 **engine_kwargs,
             )

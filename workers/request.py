@@ -37,6 +37,7 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_preemptions: int = 0
+    spec_k: int = 0  # draft tokens to verify in the next step (set by speculative decoding)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -154,7 +154,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new == 1:  # decoding: room for the drafts to verify as well
+                num_new += request.spec_k
+            num_new = min(num_new, budget)
             total = request.num_computed_tokens + num_new
             while not self.kv.allocate_slots(request.request_id, total):
                 victim = self.running[-1]
@@ -194,13 +197,18 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def update_after_step(self, out: SchedulerOutput, seconds: float | None = None) -> None:
-        """Record that the scheduled tokens' KV is now written (before new tokens are appended)."""
-        for request, num_new in zip(out.requests, out.num_scheduled_tokens):
+    def update_after_step(
+        self, out: SchedulerOutput, num_computed: list[int] | None = None
+    ) -> None:
+        """Record how many tokens' KV the step wrote per request (default: all scheduled; fewer
+        when speculative drafts were rejected) and cache blocks that are now full. Called after
+        the step's new tokens are appended; finished requests are skipped."""
+        advances = num_computed or out.num_scheduled_tokens
+        for request, num_new in zip(out.requests, advances):
+            if request.status.finished:
+                continue
             request.num_computed_tokens += num_new
             self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
-        if seconds is not None and out:
-            self.policy.observe(out.total_tokens, len(out.requests), seconds)
 
     # -- internals --------------------------------------------------------------------------
     def _preempt(self, request: Request) -> None:

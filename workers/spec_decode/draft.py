@@ -1,0 +1,157 @@
+"""The draft-model proposer: a smaller checkpoint run by the same model code, with its own KV
+pool and prefix cache, so a shared system prompt's draft KV is computed once and reused.
+
+The draft keeps, per request, how many of the request's tokens have draft KV. Proposing first
+catches up (a draft prefill of whatever it has not seen, prefix-cached), then runs k one-token
+steps. After verification, `sync` rolls the draft back to the tokens the target accepted.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from workers.block_pool import BlockPool
+from workers.kv_cache import KVCacheManager
+from workers.model.loader import load_model
+from workers.model.paged_cache import allocate_kv_cache
+from workers.model_runner import ModelRunner
+from workers.request import Request
+from workers.sampler import SamplingBatch, probs_from_logits, sample_from_probs
+
+CATCH_UP_TOKENS = 2048  # the most draft prefill tokens in one forward pass
+
+
+class DraftModelProposer:
+    def __init__(
+        self,
+        model_dir: str,
+        dtype: torch.dtype,
+        device: str,
+        block_size: int,
+        num_blocks: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        hash_key: bytes,
+        target_vocab_size: int,
+    ) -> None:
+        self.model = load_model(model_dir, dtype=dtype, device=device)
+        config = self.model.config
+        if config.vocab_size != target_vocab_size:
+            raise ValueError(
+                f"the draft model's vocabulary ({config.vocab_size}) differs from the target's "
+                f"({target_vocab_size}): a draft must share the target's tokenizer"
+            )
+        self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, dtype, device)
+        self.kv = KVCacheManager(BlockPool(num_blocks), block_size, extra_key=b"draft:" + hash_key)
+        self.runner = ModelRunner(
+            self.model,
+            self.kv_caches,
+            block_size,
+            max(CATCH_UP_TOKENS, max_num_seqs),
+            max_num_seqs,
+            max_model_len,
+        )
+        self._computed: dict[str, int] = {}
+        self.step_seconds = 0.0  # measured cost of one draft step, for the policy
+
+    def propose(
+        self, requests: list[Request], k: int
+    ) -> list[tuple[list[int], torch.Tensor | None]]:
+        """Up to k draft tokens per request, with their draft distributions (None if greedy)."""
+        started = time.perf_counter()
+        live = [r for r in requests if self._reserve(r, r.num_tokens + k - 1)]
+        self._catch_up(live)
+        drafts: dict[str, list[int]] = {r.request_id: [] for r in live}
+        probs: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in live}
+        for step in range(k):
+            logits = self.runner.execute(
+                [r.token_ids + drafts[r.request_id] for r in live],
+                [r.num_tokens - 1 + step for r in live],
+                [1] * len(live),
+                [self.kv.block_table(r.request_id) for r in live],
+                [[0]] * len(live),
+            )
+            tokens, rows = self._sample(live, logits)
+            for r, token, row in zip(live, tokens, rows):
+                drafts[r.request_id].append(token)
+                if row is not None:
+                    probs[r.request_id].append(row)
+        for r in live:
+            self._computed[r.request_id] = r.num_tokens + k - 1
+        if live and k:
+            seconds = (time.perf_counter() - started) / k
+            self.step_seconds = 0.8 * self.step_seconds + 0.2 * seconds
+        out = []
+        for r in requests:
+            if r.request_id not in drafts:
+                out.append(([], None))
+                continue
+            rows = probs[r.request_id]
+            out.append((drafts[r.request_id], torch.stack(rows) if rows else None))
+        return out
+
+    def sync(self, request: Request) -> None:
+        """Keep draft KV only for tokens the target has verified (rejected drafts roll back)."""
+        rid = request.request_id
+        if rid not in self._computed:
+            return
+        valid = min(self._computed[rid], request.num_computed_tokens)
+        self._computed[rid] = valid
+        self.kv.commit(rid, request.token_ids, valid)
+        self.kv.truncate(rid, valid)
+
+    def forget(self, request_id: str) -> None:
+        self._computed.pop(request_id, None)
+        self.kv.free(request_id)
+
+    # -- internals --------------------------------------------------------------------------
+    def _reserve(self, request: Request, num_slots: int) -> bool:
+        rid = request.request_id
+        if rid in self._computed:
+            return self.kv.allocate_slots(rid, num_slots)
+        match = self.kv.match_prefix(request.token_ids)
+        if not self.kv.allocate_slots(rid, num_slots, prefix=match):
+            return False
+        self._computed[rid] = match.num_cached_tokens
+        return True
+
+    def _catch_up(self, requests: list[Request]) -> None:
+        """Draft KV for every token before each request's last one (a chunked draft prefill)."""
+        while True:
+            batch, counts, budget = [], [], CATCH_UP_TOKENS
+            for r in requests:
+                behind = r.num_tokens - 1 - self._computed[r.request_id]
+                if behind > 0 and budget > 0:
+                    batch.append(r)
+                    counts.append(min(behind, budget))
+                    budget -= counts[-1]
+            if not batch:
+                return
+            self.runner.execute(
+                [r.token_ids for r in batch],
+                [self._computed[r.request_id] for r in batch],
+                counts,
+                [self.kv.block_table(r.request_id) for r in batch],
+                [[] for _ in batch],
+            )
+            for r, n in zip(batch, counts):
+                self._computed[r.request_id] += n
+
+    def _sample(self, requests: list[Request], logits: torch.Tensor):
+        """Greedy requests take the draft's argmax; others sample from its distribution."""
+        tokens = logits.argmax(-1).tolist()
+        rows: list[torch.Tensor | None] = [None] * len(requests)
+        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
+        if sampled:
+            batch = SamplingBatch.from_params(
+                [requests[i].params for i in sampled],
+                [requests[i].generator for i in sampled],
+                logits.shape[-1],
+            )
+            q = probs_from_logits(logits[sampled], batch)
+            picks = sample_from_probs(q, batch.generators).tolist()
+            for j, i in enumerate(sampled):
+                tokens[i], rows[i] = picks[j], q[j]
+        return tokens, rows

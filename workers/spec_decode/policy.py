@@ -1,0 +1,85 @@
+"""How many tokens to speculate: fixed, or chosen each step from measured acceptance and cost.
+
+With acceptance rate a, a request speculating k tokens emits E(k) = (1 - a^(k+1)) / (1 - a)
+tokens per verification step. A step over D decoding requests costs t(D) = c0 + c1 D without
+speculation and c0 + c1 D (k + 1) + k x draft_step with it (the fitted step-time model plus
+the measured draft cost). The policy picks the k that maximises tokens per second, which is 0
+when the batch is large enough that verifying drafts costs more compute than it saves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    if acceptance >= 1.0:
+        return k + 1.0
+    return (1 - acceptance ** (k + 1)) / (1 - acceptance)
+
+
+class SpeculationPolicy:
+    def __init__(self, fixed_k: int | None, max_k: int = 8, prior_acceptance: float = 0.5):
+        self.fixed_k = fixed_k
+        self.max_k = max_k if fixed_k is None else fixed_k
+        self.prior = prior_acceptance
+        self._acceptance: dict[str, float] = {}
+        self.counters = {
+            "spec_decode_steps": 0,
+            "spec_decode_proposed_tokens": 0,
+            "spec_decode_accepted_tokens": 0,
+            "spec_decode_k_chosen": 0,
+        }
+
+    def acceptance(self, request_id: str) -> float:
+        return self._acceptance.get(request_id, self.prior)
+
+    def choose(
+        self,
+        request_ids: Sequence[str],
+        overhead_s: float,
+        per_token_s: float,
+        draft_step_s: float,
+    ) -> int:
+        """One k for this step's decoding requests."""
+        if not request_ids:
+            return 0
+        if self.fixed_k is not None:
+            return self.fixed_k
+        d = len(request_ids)
+        rates = [self.acceptance(r) for r in request_ids]
+        best_k, best = 0, d / (overhead_s + per_token_s * d)
+        for k in range(1, self.max_k + 1):
+            tokens = sum(expected_tokens(a, k) for a in rates)
+            seconds = overhead_s + per_token_s * d * (k + 1) + k * draft_step_s
+            if tokens / seconds > best:
+                best_k, best = k, tokens / seconds
+        return best_k
+
+    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+        if proposed == 0:
+            return
+        self.counters["spec_decode_steps"] += 1
+        self.counters["spec_decode_proposed_tokens"] += proposed
+        self.counters["spec_decode_accepted_tokens"] += accepted
+        self.counters["spec_decode_k_chosen"] += proposed
+        # The acceptance rate a per drafted token, from the accepted run length of this step.
+        rate = accepted / proposed
+        self._acceptance[request_id] = 0.7 * self.acceptance(request_id) + 0.3 * rate
+
+    def forget(self, request_id: str) -> None:
+        self._acceptance.pop(request_id, None)
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        proposed, steps = c["spec_decode_proposed_tokens"], c["spec_decode_steps"]
+        return {
+            **c,
+            "spec_decode_acceptance_rate": c["spec_decode_accepted_tokens"] / proposed
+            if proposed
+            else 0.0,
+            "spec_decode_mean_accepted_length": c["spec_decode_accepted_tokens"] / steps
+            if steps
+            else 0.0,
+            "spec_decode_mean_k": proposed / steps if steps else 0.0,
+        }
