@@ -219,7 +219,11 @@ class Engine:
         drafts: list[list[int]] = [[] for _ in requests]
         draft_probs: list = [None] * len(requests)
         if spec is not None:
-            room = [i for i, n in enumerate(counts) if n > 1 and requests[i].spec_k]
+            room = [
+                i
+                for i, (r, n) in enumerate(zip(requests, counts))
+                if r.spec_k and n > 1 and r.num_tokens - r.num_computed_tokens == 1
+            ]
             proposals = spec.propose([requests[i] for i in room], [counts[i] - 1 for i in room])
             for i, (tokens, q) in zip(room, proposals):
                 drafts[i], draft_probs[i], counts[i] = tokens, q, 1 + len(tokens)

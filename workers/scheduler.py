@@ -215,6 +215,7 @@ class Scheduler:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
+        request.spec_k = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._push_waiting(request)
