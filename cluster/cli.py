@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             kv_cache_bytes=args.kv_cache_mb * 2**20,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            speculative=speculative_settings(args),
         ),
     )
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
@@ -103,12 +104,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def speculative_settings(args: argparse.Namespace) -> dict | None:
+    if args.speculative_method is None:
+        return None
+    k = args.num_speculative_tokens
+    settings = {
+        "method": args.speculative_method,
+        "num_speculative_tokens": k if k == "auto" else int(k),
+    }
+    if args.speculative_model:
+        settings["model"] = args.speculative_model
+    return settings
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "engine":
-        from benchmarks.engine import main as bench_main
-    else:
-        raise SystemExit(f"unknown benchmark {args.which!r}")
-    return bench_main(args.rest) or 0
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{args.which}")
+    return module.main(args.rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,10 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int)
+    p.add_argument("--speculative-method", choices=["ngram", "draft"])
+    p.add_argument("--speculative-model", help="draft checkpoint (with --speculative-method draft)")
+    p.add_argument("--num-speculative-tokens", default="auto", help="k per step, or auto")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="run a benchmark (engine)")
-    p.add_argument("which", choices=["engine"])
+    p = sub.add_parser("bench", help="run a benchmark: engine, routing or spec_decode")
+    p.add_argument("which", choices=["engine", "routing", "spec_decode"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser

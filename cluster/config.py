@@ -28,6 +28,11 @@ class EngineSettings(BaseModel):
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     batching: Literal["adaptive", "fixed"] = "adaptive"
+    speculative: dict | None = Field(
+        None,
+        description='Speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": '
+        '4} or {"method": "draft", "model": DIR, "num_speculative_tokens": "auto"}.',
+    )
     seed: int = 0
 
 

@@ -55,7 +55,13 @@ def served(request, ray_cluster, tiny_model) -> Iterator[Served]:
         max_ongoing_requests=6,
         max_queued_requests=6,
         publish_interval_s=0.1,
-        engine=EngineSettings(num_blocks=96, max_num_seqs=8, max_num_batched_tokens=256),
+        engine=EngineSettings(
+            num_blocks=96,
+            max_num_seqs=8,
+            max_num_batched_tokens=256,
+            # Served text must equal the offline engine's, which runs without speculation.
+            speculative={"method": "ngram", "num_speculative_tokens": "auto"},
+        ),
     )
     serve.run(build_app(config), name="manta", route_prefix="/")
     yield Served(f"http://127.0.0.1:{ray_cluster}", name, tiny_model, request.param, redis)

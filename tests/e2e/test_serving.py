@@ -97,6 +97,14 @@ def test_chat_stream_equals_non_stream_and_offline(served, client, offline):
     assert whole.choices[0].message.content == want.text
 
 
+def test_speculation_runs_in_the_workers(served, client):
+    client.completions.create(
+        model=served.model_name, prompt="7 8 9 7 8 9 7 8 9 7 8", max_tokens=32, temperature=0
+    )
+    time.sleep(0.3)
+    assert sum(worker_metric(served, "manta_spec_decode_proposed_tokens_total").values()) > 0
+
+
 def test_stop_seeds_n_and_logprobs(served, client):
     name = served.model_name
     base = client.completions.create(model=name, prompt="Once upon", max_tokens=16, temperature=0)

@@ -1,0 +1,34 @@
+"""The `manta` command as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def manta(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_make_model_then_generate(tmp_path):
+    made = manta("make-model", str(tmp_path / "m"), "--preset", "tiny", "--arch", "qwen2")
+    assert made.returncode == 0, made.stderr
+    assert "qwen2" in made.stdout and "parameters" in made.stdout
+    out = manta(
+        "generate", "--model", str(tmp_path / "m"), "--prompt", "Hello", "--max-tokens", "5"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("[finish_reason=length]")
+    chat = manta("generate", "--model", str(tmp_path / "m"), "--prompt", "Hi", "--chat",
+                 "--max-tokens", "3", "--temperature", "0.7", "--seed", "1")  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    out = manta("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert out.returncode == 2
+    assert out.stderr.startswith("manta: error: no config.json in model directory")
+    bad = manta("make-model", str(tmp_path / "m"), "--preset", "huge")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
