@@ -22,14 +22,25 @@ def default_model() -> str:
 
 def cmd_make_model(args: argparse.Namespace) -> int:
     from workers.model.config import ModelConfig
+    from workers.model.draft_pair import make_draft_pair
     from workers.model.make_model import make_model
 
-    path = make_model(
-        args.out_dir, args.preset, args.arch, seed=args.seed, layout=args.layout,
-        num_shards=args.shards,
-    )  # fmt: skip
-    params = ModelConfig.from_pretrained(path).num_parameters()
-    print(f"wrote {args.preset} {args.arch} checkpoint ({params / 1e6:.1f}M parameters) to {path}")
+    if args.draft_layers:
+        paths = make_draft_pair(
+            args.out_dir, args.preset, args.draft_layers, args.upper_scale, seed=args.seed
+        )
+    else:
+        paths = (
+            make_model(
+                args.out_dir, args.preset, args.arch, seed=args.seed, layout=args.layout,
+                num_shards=args.shards,
+            ),
+        )  # fmt: skip
+    for path in paths:
+        params = ModelConfig.from_pretrained(path).num_parameters()
+        print(
+            f"wrote {args.preset} {args.arch} checkpoint ({params / 1e6:.1f}M parameters) to {path}"
+        )
     return 0
 
 
@@ -135,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["v4", "v5"], default="v4")
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--draft-layers",
+        type=int,
+        help="write OUT_DIR/target and a draft of its first N layers (speculative decoding)",
+    )
+    p.add_argument(
+        "--upper-scale",
+        type=float,
+        default=0.1,
+        help="scale of the target's upper layers: smaller means the draft agrees more often",
+    )
     p.set_defaults(func=cmd_make_model)
 
     p = sub.add_parser("generate", help="generate from one prompt, streaming to stdout")

@@ -26,6 +26,14 @@ def test_make_model_then_generate(tmp_path):
     assert chat.returncode == 0, chat.stderr
 
 
+def test_make_a_draft_target_pair(tmp_path):
+    made = manta("make-model", str(tmp_path), "--preset", "tiny", "--draft-layers", "1")
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "target" / "config.json").is_file()
+    assert (tmp_path / "draft" / "tokenizer.json").is_file()
+    assert made.stdout.count("wrote") == 2
+
+
 def test_errors_are_one_clear_line(tmp_path):
     out = manta("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
     assert out.returncode == 2
