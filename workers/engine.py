@@ -48,7 +48,10 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     block_size: int = 16
-    kv_cache_bytes: int = 512 * 2**20  # the KV pool, allocated once at start
+    # The KV pool, allocated once at start; None: a fraction of free GPU memory on CUDA (after
+    # the weights are loaded), 512 MiB on CPU.
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None  # overrides kv_cache_bytes (tests, exact pool sizes)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -86,7 +89,7 @@ class Engine:
             self.model_config.max_position_embeddings,
         )
         num_blocks = config.num_blocks or num_blocks_for_budget(
-            self.model_config, config.block_size, dtype, config.kv_cache_bytes
+            self.model_config, config.block_size, dtype, self._kv_budget()
         )
         self.kv_caches = allocate_kv_cache(
             self.model_config, num_blocks, config.block_size, dtype, config.device
@@ -131,6 +134,14 @@ class Engine:
         self._states: dict[str, RequestOutputState] = {}
         self._ids = itertools.count()
         self.counters = {"steps": 0, "scheduled_tokens": 0, "generation_tokens": 0}
+
+    def _kv_budget(self) -> int:
+        if self.config.kv_cache_bytes is not None:
+            return self.config.kv_cache_bytes
+        if torch.device(self.config.device).type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.config.device)
+            return int(free * self.config.gpu_memory_utilization)
+        return 512 * 2**20
 
     def _make_spec_decoder(self, num_blocks: int) -> SpecDecoder:
         spec = SpeculativeConfig.from_dict(self.config.speculative)
@@ -181,7 +192,7 @@ class Engine:
             params=params,
             arrival_time=time.monotonic(),
             priority=priority,
-            generator=make_generator(params.seed),
+            generator=make_generator(params.seed, self.config.device),
         )
         self.scheduler.add_request(request)
         self._states[request.request_id] = RequestOutputState(request, self.tokenizer)
