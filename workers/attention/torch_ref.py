@@ -74,6 +74,13 @@ def _make_plan(meta: AttentionMetadata, window: int | None) -> _Plan:
     return _Plan(tokens, valid, tables, mask, multi)
 
 
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """The blocks listed in `tables`, copied out in order. index_select over whole flattened
+    blocks is several times faster on CPU than advanced indexing, which copies per element."""
+    flat = cache.view(cache.shape[0], -1)
+    return torch.index_select(flat, 0, tables.reshape(-1))
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -94,8 +101,8 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(query)
         if plan.batch_tokens is not None:
             batch = plan.batch_tables.shape[0]
-            k = key_cache[plan.batch_tables].view(batch, -1, num_kv_heads, head_dim)
-            v = value_cache[plan.batch_tables].view(batch, -1, num_kv_heads, head_dim)
+            k = _gather(key_cache, plan.batch_tables).view(batch, -1, num_kv_heads, head_dim)
+            v = _gather(value_cache, plan.batch_tables).view(batch, -1, num_kv_heads, head_dim)
             q = query[plan.batch_tokens].transpose(1, 2)  # [Bb, H, Q, D]
             o = F.scaled_dot_product_attention(
                 q,
@@ -114,8 +121,8 @@ class TorchAttentionBackend(AttentionBackend):
                 k, v = key[start : start + q_len], value[start : start + q_len]
             else:
                 table = meta.block_tables[seq, : -(-s_len // bs)]
-                k = key_cache[table].view(-1, num_kv_heads, head_dim)[:s_len]
-                v = value_cache[table].view(-1, num_kv_heads, head_dim)[:s_len]
+                k = _gather(key_cache, table).view(-1, num_kv_heads, head_dim)[:s_len]
+                v = _gather(value_cache, table).view(-1, num_kv_heads, head_dim)[:s_len]
             o = F.scaled_dot_product_attention(
                 q,
                 k.transpose(0, 1).unsqueeze(0),
