@@ -74,15 +74,27 @@ def _make_plan(meta: AttentionMetadata, window: int | None) -> _Plan:
     return _Plan(tokens, valid, tables, mask, multi)
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """The blocks listed in `tables`, copied out in order. index_select over whole flattened
-    blocks is several times faster on CPU than advanced indexing, which copies per element."""
-    flat = cache.view(cache.shape[0], -1)
-    return torch.index_select(flat, 0, tables.reshape(-1))
-
-
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def __init__(self) -> None:
+        # Gather buffers reused across layers and steps: a fresh multi-megabyte tensor per
+        # layer would be page-faulted in anew each time, which costs more than the copy.
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _gather(self, name: str, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        """The blocks listed in `tables`, copied out in order (index_select over whole
+        flattened blocks: several times faster on CPU than advanced indexing)."""
+        flat = cache.view(cache.shape[0], -1)
+        rows = tables.numel()
+        key = f"{name}:{flat.shape[1]}:{cache.dtype}"
+        buf = self._scratch.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = torch.empty(max(rows, 64), flat.shape[1], dtype=cache.dtype, device=cache.device)
+            self._scratch[key] = buf
+        out = buf[:rows]
+        torch.index_select(flat, 0, tables.reshape(-1), out=out)
+        return out
 
     def forward(self, query, key, value, kv_cache, meta, scale, sliding_window=None):
         plans = meta.plan if isinstance(meta.plan, dict) else {}
@@ -101,8 +113,10 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(query)
         if plan.batch_tokens is not None:
             batch = plan.batch_tables.shape[0]
-            k = _gather(key_cache, plan.batch_tables).view(batch, -1, num_kv_heads, head_dim)
-            v = _gather(value_cache, plan.batch_tables).view(batch, -1, num_kv_heads, head_dim)
+            k = self._gather("k", key_cache, plan.batch_tables)
+            v = self._gather("v", value_cache, plan.batch_tables)
+            k = k.view(batch, -1, num_kv_heads, head_dim)
+            v = v.view(batch, -1, num_kv_heads, head_dim)
             q = query[plan.batch_tokens].transpose(1, 2)  # [Bb, H, Q, D]
             o = F.scaled_dot_product_attention(
                 q,
@@ -121,8 +135,8 @@ class TorchAttentionBackend(AttentionBackend):
                 k, v = key[start : start + q_len], value[start : start + q_len]
             else:
                 table = meta.block_tables[seq, : -(-s_len // bs)]
-                k = _gather(key_cache, table).view(-1, num_kv_heads, head_dim)[:s_len]
-                v = _gather(value_cache, table).view(-1, num_kv_heads, head_dim)[:s_len]
+                k = self._gather("k", key_cache, table).view(-1, num_kv_heads, head_dim)[:s_len]
+                v = self._gather("v", value_cache, table).view(-1, num_kv_heads, head_dim)[:s_len]
             o = F.scaled_dot_product_attention(
                 q,
                 k.transpose(0, 1).unsqueeze(0),
