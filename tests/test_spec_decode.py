@@ -106,10 +106,25 @@ def test_policy_speculates_only_when_it_pays():
     assert policy.choose(many, overhead_s=0.03, per_token_s=0.002, draft_step_s=0.002) == 0
     # A request whose drafts are always rejected stops being speculated.
     for _ in range(20):
-        policy.observe("bad", 4, 0)
+        policy.observe("bad", 4, 4, 0)
     assert policy.choose(["bad"], overhead_s=0.03, per_token_s=0.0005, draft_step_s=0.01) == 0
     stats = policy.stats()
     assert stats["spec_decode_proposed_tokens"] == 80 and stats["spec_decode_acceptance_rate"] == 0
+    # Empty proposals (no n-gram match) count against a request like rejections do.
+    for _ in range(20):
+        policy.observe("empty", 4, 0, 0)
+    assert policy.acceptance("empty") < 0.01
+    # Runs where every draft passes drive the per-token estimate to 1, not to accepted/k.
+    for _ in range(30):
+        policy.observe("good", 4, 4, 4)
+    assert policy.acceptance("good") > 0.99
+
+
+def test_policy_explores_after_a_long_stretch_at_zero():
+    policy = SpeculationPolicy(fixed_k=None, max_k=4, explore_every=5)
+    many = [str(i) for i in range(64)]
+    picks = [policy.choose(many, 0.03, 0.002, 0.002) for _ in range(10)]
+    assert picks == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4
 
 

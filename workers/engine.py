@@ -235,9 +235,12 @@ class Engine:
                 for i, (r, n) in enumerate(zip(requests, counts))
                 if r.spec_k and n > 1 and r.num_tokens - r.num_computed_tokens == 1
             ]
+            proposing = time.perf_counter()
             proposals = spec.propose([requests[i] for i in room], [counts[i] - 1 for i in room])
             for i, (tokens, q) in zip(room, proposals):
                 drafts[i], draft_probs[i], counts[i] = tokens, q, 1 + len(tokens)
+            spec.observe_empty([requests[i] for i in room if not drafts[i]])
+            started += time.perf_counter() - proposing  # the step model fits the target only
         # A request samples once its scheduled tokens reach the end of what it knows.
         sampling = [r.num_computed_tokens + n >= r.num_tokens for r, n in zip(requests, counts)]
         rows = [

@@ -82,8 +82,13 @@ class SpecDecoder:
                 ):
                     emitted[i] = out
         for r, d, out in zip(requests, drafts, emitted):
-            self.policy.observe(r.request_id, len(d), len(out) - 1)
+            self.policy.observe(r.request_id, r.spec_k, len(d), len(out) - 1)
         return emitted
+
+    def observe_empty(self, requests: list[Request]) -> None:
+        """Requests that had room for drafts but got none (no n-gram match, draft pool full)."""
+        for r in requests:
+            self.policy.observe(r.request_id, r.spec_k, 0, 0)
 
     def _greedy(self, requests, drafts, draft_probs, logits):
         return verify_greedy(logits, drafts)

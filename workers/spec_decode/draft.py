@@ -21,6 +21,10 @@ from workers.request import Request
 from workers.sampler import SamplingBatch, probs_from_logits, sample_from_probs
 
 CATCH_UP_TOKENS = 2048  # the most draft prefill tokens in one forward pass
+# Tokens a request may be behind when proposing starts: they ride along in the first draft
+# step instead of costing a forward pass of their own (after verification a request is
+# typically a few accepted tokens behind).
+FOLD_TOKENS = 16
 
 
 class DraftModelProposer:
@@ -49,7 +53,7 @@ class DraftModelProposer:
             self.model,
             self.kv_caches,
             block_size,
-            max(CATCH_UP_TOKENS, max_num_seqs),
+            max(CATCH_UP_TOKENS, max_num_seqs * (FOLD_TOKENS + 1)),
             max_num_seqs,
             max_model_len,
         )
@@ -60,18 +64,24 @@ class DraftModelProposer:
         self, requests: list[Request], k: int
     ) -> list[tuple[list[int], torch.Tensor | None]]:
         """Up to k draft tokens per request, with their draft distributions (None if greedy)."""
-        started = time.perf_counter()
         live = [r for r in requests if self._reserve(r, r.num_tokens + k - 1)]
         self._catch_up(live)
+        started = time.perf_counter()  # the draft's own prefill is not a per-draft cost
         drafts: dict[str, list[int]] = {r.request_id: [] for r in live}
         probs: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in live}
         for step in range(k):
+            if step == 0:  # whatever the request is behind, plus its last token
+                computed = [self._computed[r.request_id] for r in live]
+                counts = [r.num_tokens - c for r, c in zip(live, computed)]
+            else:
+                computed = [r.num_tokens - 1 + step for r in live]
+                counts = [1] * len(live)
             logits = self.runner.execute(
                 [r.token_ids + drafts[r.request_id] for r in live],
-                [r.num_tokens - 1 + step for r in live],
-                [1] * len(live),
+                computed,
+                counts,
                 [self.kv.block_table(r.request_id) for r in live],
-                [[0]] * len(live),
+                [[n - 1] for n in counts],
             )
             tokens, rows = self._sample(live, logits)
             for r, token, row in zip(live, tokens, rows):
@@ -118,12 +128,13 @@ class DraftModelProposer:
         return True
 
     def _catch_up(self, requests: list[Request]) -> None:
-        """Draft KV for every token before each request's last one (a chunked draft prefill)."""
+        """Draft KV until each request is at most FOLD_TOKENS behind its last token (a chunked
+        draft prefill)."""
         while True:
             batch, counts, budget = [], [], CATCH_UP_TOKENS
             for r in requests:
                 behind = r.num_tokens - 1 - self._computed[r.request_id]
-                if behind > 0 and budget > 0:
+                if behind > FOLD_TOKENS and budget > 0:
                     batch.append(r)
                     counts.append(min(behind, budget))
                     budget -= counts[-1]

@@ -19,10 +19,20 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 
 class SpeculationPolicy:
-    def __init__(self, fixed_k: int | None, max_k: int = 8, prior_acceptance: float = 0.5):
+    def __init__(
+        self,
+        fixed_k: int | None,
+        max_k: int = 8,
+        prior_acceptance: float = 0.5,
+        explore_every: int = 32,
+    ):
         self.fixed_k = fixed_k
         self.max_k = max_k if fixed_k is None else fixed_k
         self.prior = prior_acceptance
+        # After this many steps at k = 0, speculate once (k = 1) so the acceptance and cost
+        # estimates stay fresh instead of freezing at a value that once said "no".
+        self.explore_every = explore_every
+        self._idle_steps = 0
         self._acceptance: dict[str, float] = {}
         self.counters = {
             "spec_decode_steps": 0,
@@ -54,17 +64,26 @@ class SpeculationPolicy:
             seconds = overhead_s + per_token_s * d * (k + 1) + k * draft_step_s
             if tokens / seconds > best:
                 best_k, best = k, tokens / seconds
+        self._idle_steps = self._idle_steps + 1 if best_k == 0 else 0
+        if self._idle_steps >= self.explore_every:
+            self._idle_steps = 0
+            return 1
         return best_k
 
-    def observe(self, request_id: str, proposed: int, accepted: int) -> None:
-        if proposed == 0:
+    def observe(self, request_id: str, wanted: int, proposed: int, accepted: int) -> None:
+        """A step asked for `wanted` drafts, got `proposed`, and `accepted` of them passed."""
+        if wanted == 0:
             return
-        self.counters["spec_decode_steps"] += 1
-        self.counters["spec_decode_proposed_tokens"] += proposed
-        self.counters["spec_decode_accepted_tokens"] += accepted
-        self.counters["spec_decode_k_chosen"] += proposed
-        # The acceptance rate a per drafted token, from the accepted run length of this step.
-        rate = accepted / proposed
+        self.counters["spec_decode_k_chosen"] += wanted
+        if proposed:
+            self.counters["spec_decode_steps"] += 1
+            self.counters["spec_decode_proposed_tokens"] += proposed
+            self.counters["spec_decode_accepted_tokens"] += accepted
+        # Per-token acceptance from this step's run: `accepted` successes, then one failure
+        # unless every draft passed. No draft at all counts as a failure: speculating there
+        # bought nothing.
+        trials = accepted + (1 if accepted < proposed or proposed == 0 else 0)
+        rate = accepted / trials
         self._acceptance[request_id] = 0.7 * self.acceptance(request_id) + 0.3 * rate
 
     def forget(self, request_id: str) -> None:
@@ -81,5 +100,5 @@ class SpeculationPolicy:
             "spec_decode_mean_accepted_length": c["spec_decode_accepted_tokens"] / steps
             if steps
             else 0.0,
-            "spec_decode_mean_k": proposed / steps if steps else 0.0,
+            "spec_decode_mean_k": c["spec_decode_k_chosen"] / steps if steps else 0.0,
         }
