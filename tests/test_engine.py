@@ -178,3 +178,14 @@ def test_llm_offline_api(tiny_model):
     assert [o.index for o in several.outputs] == [0, 1, 2]
     stats = llm.stats()
     assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_a_request_that_ends_at_its_first_token_still_caches_its_prompt(tiny_model):
+    engine = make_engine(tiny_model)
+    prompt = list(range(5, 69))  # four full blocks
+    for suffix in ([1, 2], [3, 4]):
+        engine.add_request(prompt + suffix, SamplingParams(max_tokens=1))
+        while engine.has_unfinished():
+            engine.step()
+    assert engine.stats()["prefix_cache_hits"] == 64
+    assert_pool_whole(engine)

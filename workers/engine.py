@@ -277,19 +277,23 @@ class Engine:
             )
             for i, tokens in zip(verified, outs):
                 emitted[i] = tokens
-        deltas = [
-            self._emit(r, tokens, logprobs[i])
-            for i, (r, tokens) in enumerate(zip(requests, emitted))
-            if tokens
-        ]
-        # KV is valid for the last token known before the step plus the accepted drafts.
+        deltas, finishing = [], []
+        for i, (request, tokens) in enumerate(zip(requests, emitted)):
+            if tokens:
+                delta, status = self._emit(request, tokens, logprobs[i])
+                deltas.append(delta)
+                if status is not None:
+                    finishing.append((request, status))
+        # KV is valid for the last token known before the step plus the accepted drafts. It is
+        # committed (full blocks cached) before finished requests give their blocks back.
         computed = [len(e) if d else n for n, d, e in zip(counts, drafts, emitted)]
         self.scheduler.update_after_step(out, computed)
         for i in verified:
-            request = requests[i]
-            if not request.status.finished:
-                self.kv.truncate(request.request_id, request.num_computed_tokens)
-                spec.sync(request)
+            self.kv.truncate(requests[i].request_id, requests[i].num_computed_tokens)
+            spec.sync(requests[i])
+        for request, status in finishing:
+            self.scheduler.finish(request, status)
+            self._forget(request.request_id)
         seconds = time.perf_counter() - started
         self.scheduler.policy.observe(out.total_tokens, len(requests), seconds)
         self.step_time.observe(out.total_tokens, seconds)
@@ -321,10 +325,11 @@ class Engine:
             logprobs.append(TokenLogprobs(token_ids[i], float(sampled.logprobs[i]), top))
         return token_ids, logprobs
 
-    def _emit(self, request: Request, tokens: list[int], logprobs) -> RequestDelta:
-        """Append the step's tokens (one, or several after verification) until one ends it."""
+    def _emit(self, request: Request, tokens: list[int], logprobs):
+        """Append the step's tokens (one, or several after verification) until one ends the
+        request; returns the merged delta and the finish status, if any."""
         state = self._states[request.request_id]
-        merged = None
+        merged, status = None, None
         for token in tokens:
             delta, status = process_token(request, state, token, self.eos_token_ids, logprobs)
             if merged is None:
@@ -335,10 +340,8 @@ class Engine:
                 merged.finished, merged.finish_reason = delta.finished, delta.finish_reason
                 merged.num_output_tokens = delta.num_output_tokens
             if status is not None:
-                self.scheduler.finish(request, status)
-                self._forget(request.request_id)
                 break
-        return merged
+        return merged, status
 
     def _forget(self, request_id: str) -> None:
         """Drop per-request state kept beside the scheduler (output, draft KV)."""

@@ -207,7 +207,11 @@ class Scheduler:
         for request, num_new in zip(out.requests, advances):
             if request.status.finished:
                 continue
-            request.num_computed_tokens += num_new
+            # Capped by the tokens known: a request that stopped inside a run of accepted drafts
+            # kept only the tokens up to its stop.
+            request.num_computed_tokens = min(
+                request.num_computed_tokens + num_new, request.num_tokens
+            )
             self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
 
     # -- internals --------------------------------------------------------------------------
