@@ -45,14 +45,17 @@ class RouterSettings(BaseModel):
     hit_weight: float = Field(
         1.0, ge=0, description="Score per cached prompt token a worker already holds."
     )
+    # Tuned on benchmarks/routing.py (16 tenants, 4 workers, pools holding ~5 prompts each):
+    # a heavier load or KV-pressure term copies a tenant's prompt onto a second worker and
+    # evicts other tenants there.
     load_weight: float = Field(
-        64.0, ge=0, description="Score lost per request running or queued on a worker."
+        32.0, ge=0, description="Score lost per request running or queued on a worker."
     )
     kv_pressure_weight: float = Field(
-        256.0, ge=0, description="Score lost as a worker's KV pool fills (times usage ratio)."
+        32.0, ge=0, description="Score lost as a worker's KV pool fills (times usage ratio)."
     )
     affinity_bonus: float = Field(
-        32.0,
+        96.0,
         ge=0,
         description="Score for the consistent-hash home of a cold prefix, so tenants stick.",
     )

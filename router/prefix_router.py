@@ -29,9 +29,9 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)
 class RoutingWeights:
     hit_weight: float = 1.0
-    load_weight: float = 64.0
-    kv_pressure_weight: float = 256.0
-    affinity_bonus: float = 32.0
+    load_weight: float = 32.0
+    kv_pressure_weight: float = 32.0
+    affinity_bonus: float = 96.0
 
 
 @dataclass(slots=True)
