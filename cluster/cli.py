@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -105,10 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.run(build_app(config), name="manta", route_prefix="/")
     print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a user stops serving
+            while True:
+                time.sleep(3600)
     finally:
         serve.shutdown()
         kill_index_actor(config.model_name)

@@ -8,6 +8,7 @@ is slow or gone degrades routing to load-only instead of stalling a request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -92,7 +93,5 @@ class ActorPrefixIndex(PrefixIndex):
 
 def kill_index_actor(namespace: str) -> None:
     """Remove the detached index actor of a model (on shutdown)."""
-    try:
+    with contextlib.suppress(ValueError):  # no such actor: nothing to remove
         ray.kill(ray.get_actor(actor_name(namespace), namespace=ACTOR_NAMESPACE))
-    except ValueError:
-        pass
