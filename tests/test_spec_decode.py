@@ -120,11 +120,22 @@ def test_policy_speculates_only_when_it_pays():
     assert policy.acceptance("good") > 0.99
 
 
-def test_policy_explores_after_a_long_stretch_at_zero():
+def test_policy_explores_after_a_long_stretch_at_zero_only_where_it_could_pay():
     policy = SpeculationPolicy(fixed_k=None, max_k=4, explore_every=5)
-    many = [str(i) for i in range(64)]
-    picks = [policy.choose(many, 0.03, 0.002, 0.002) for _ in range(10)]
+    for _ in range(30):
+        policy.observe("old", 4, 4, 0)  # drafts have been worthless so far
+    few = ["a", "b"]
+    picks = [policy.choose(few, 0.03, 0.0005, 0.002) for _ in range(10)]
     assert picks == [0, 0, 0, 0, 1, 0, 0, 0, 0, 1]
+    many = [str(i) for i in range(64)]  # even perfect drafts would not pay here
+    assert [policy.choose(many, 0.03, 0.002, 0.002) for _ in range(10)] == [0] * 10
+
+
+def test_new_requests_start_from_what_drafts_have_been_worth():
+    policy = SpeculationPolicy(fixed_k=None, max_k=4)
+    for i in range(60):
+        policy.observe(f"r{i}", 4, 4, 4)
+    assert policy.acceptance("new") > 0.9
     assert expected_tokens(0.5, 2) == pytest.approx(1.75) and expected_tokens(1.0, 3) == 4
 
 

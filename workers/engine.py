@@ -295,6 +295,8 @@ class Engine:
             self.scheduler.finish(request, status)
             self._forget(request.request_id)
         seconds = time.perf_counter() - started
+        if verified:
+            spec.policy.observe_step_time(time.perf_counter() - proposing)
         self.scheduler.policy.observe(out.total_tokens, len(requests), seconds)
         self.step_time.observe(out.total_tokens, seconds)
         self.counters["steps"] += 1
