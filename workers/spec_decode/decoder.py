@@ -37,8 +37,13 @@ class SpecDecoder:
             # have to be recomputed); nor are the last tokens of a request.
             if r.num_tokens - r.num_computed_tokens == 1 and r.params.logprobs is None:
                 decoding.append(r)
-        draft_s = self.draft.step_seconds if self.draft is not None else 0.0
-        k = self.policy.choose([r.request_id for r in decoding], overhead_s, per_token_s, draft_s)
+        draft_s = catch_up_s = 0.0
+        if self.draft is not None:
+            draft_s = self.draft.step_seconds
+            catch_up_s = self.draft.catch_up_seconds(decoding)
+        k = self.policy.choose(
+            [r.request_id for r in decoding], overhead_s, per_token_s, draft_s, catch_up_s
+        )
         for r in decoding:
             r.spec_k = max(0, min(k, r.params.max_tokens - r.num_output_tokens - 1))
 

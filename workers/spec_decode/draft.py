@@ -59,14 +59,27 @@ class DraftModelProposer:
         )
         self._computed: dict[str, int] = {}
         self.step_seconds = 0.0  # measured cost of one draft step, for the policy
+        self.prefill_seconds_per_token = 0.0  # measured cost of the draft catching up
+
+    def catch_up_seconds(self, requests: list[Request]) -> float:
+        """Predicted cost of the draft prefill these requests would need before proposing."""
+        behind = sum(max(0, r.num_tokens - self._computed.get(r.request_id, 0)) for r in requests)
+        return behind * self.prefill_seconds_per_token
 
     def propose(
         self, requests: list[Request], k: int
     ) -> list[tuple[list[int], torch.Tensor | None]]:
         """Up to k draft tokens per request, with their draft distributions (None if greedy)."""
         live = [r for r in requests if self._reserve(r, r.num_tokens + k - 1)]
+        behind = sum(r.num_tokens - 1 - self._computed[r.request_id] for r in live)
+        catching_up = time.perf_counter()
         self._catch_up(live)
-        started = time.perf_counter()  # the draft's own prefill is not a per-draft cost
+        started = time.perf_counter()
+        if behind > FOLD_TOKENS * max(1, len(live)):
+            rate = (started - catching_up) / behind
+            self.prefill_seconds_per_token = (
+                0.8 * self.prefill_seconds_per_token + 0.2 * rate
+            )  # the draft's own prefill is not a per-draft cost
         drafts: dict[str, list[int]] = {r.request_id: [] for r in live}
         probs: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in live}
         for step in range(k):

@@ -61,14 +61,16 @@ class SpeculationPolicy:
         overhead_s: float,
         per_token_s: float,
         draft_step_s: float,
+        catch_up_s: float = 0.0,
     ) -> int:
-        """One k for this step's decoding requests."""
+        """One k for this step's decoding requests; `catch_up_s` is the draft prefill that
+        speculating now would cost first (fresh prompts the draft has not seen)."""
         if not request_ids:
             return 0
         if self.fixed_k is not None:
             return self.fixed_k
         d = len(request_ids)
-        costs = (overhead_s, per_token_s, draft_step_s)
+        costs = (overhead_s, per_token_s, draft_step_s, catch_up_s)
         best_k = self._best_k([self.acceptance(r) for r in request_ids], *costs)
         self._idle_steps = self._idle_steps + 1 if best_k == 0 else 0
         # Explore only where even a very good draft would pay: elsewhere it is pure cost.
@@ -77,18 +79,22 @@ class SpeculationPolicy:
             return 1
         return best_k
 
-    def _best_k(self, rates, overhead_s: float, per_token_s: float, draft_step_s: float) -> int:
+    def _best_k(
+        self, rates, overhead_s: float, per_token_s: float, draft_step_s: float, catch_up_s: float
+    ) -> int:
         d = len(rates)
         plain = d / (overhead_s + per_token_s * d)
         best_k, best = 0, plain * self.min_gain
         for k in range(1, self.max_k + 1):
             tokens = sum(expected_tokens(a, k) for a in rates)
-            seconds = overhead_s + per_token_s * d * (k + 1) + k * draft_step_s
+            seconds = overhead_s + per_token_s * d * (k + 1) + k * draft_step_s + catch_up_s
             if tokens / (seconds * self.cost_factor) > best:
                 best_k, best = k, tokens / (seconds * self.cost_factor)
         if best_k:
             k = best_k
-            self._predicted_s = overhead_s + per_token_s * d * (k + 1) + k * draft_step_s
+            self._predicted_s = (
+                overhead_s + per_token_s * d * (k + 1) + k * draft_step_s + catch_up_s
+            )
         return best_k
 
     def observe_step_time(self, seconds: float) -> None:
