@@ -282,3 +282,12 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def run_benchmark(argv, parse_args, run, report) -> int:
+    """The `main` of every benchmark: parse, run, print the table, write the JSON."""
+    args = parse_args(argv)
+    results = run(args)
+    report(results)
+    print(f"\nwrote {write_json(args.out, results)}")
+    return 0

@@ -36,7 +36,7 @@ from benchmarks.common import (
     print_table,
     random_ids,
     replay_transformers,
-    write_json,
+    run_benchmark,
 )
 from workers import Engine, EngineConfig, SamplingParams
 from workers.batching_policy import FixedBatchingPolicy
@@ -424,11 +424,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    report(results)
-    print(f"\nwrote {write_json(args.out, results)}")
-    return 0
+    return run_benchmark(argv, parse_args, run, report)
 
 
 if __name__ == "__main__":

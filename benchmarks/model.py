@@ -7,13 +7,11 @@ Runs the model runner directly (no scheduler), so the numbers are the model's ow
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.common import checkpoint, matmul_flops_rate
+from benchmarks.common import checkpoint, matmul_flops_rate, write_json
 from workers import Engine, EngineConfig
 
 
@@ -87,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['batch']:>5} {r['prefill_tokens_per_s']:>14.1f} "
             f"{r['decode_tokens_per_s']:>13.1f} {prefill_pct:>13.0f}% {decode_pct:>12.0f}%"
         )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"preset": args.preset, "parameters": params, "threads": args.threads,
               "roofline_gflops": roofline, "rows": rows}  # fmt: skip
-    out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     return 0
 
 

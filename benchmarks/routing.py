@@ -40,7 +40,7 @@ from benchmarks.common import (
     percentile,
     print_table,
     random_ids,
-    write_json,
+    run_benchmark,
 )
 from cluster.app import build_app
 from cluster.config import ClusterConfig, EngineSettings, RouterSettings
@@ -373,11 +373,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    report(results)
-    print(f"\nwrote {write_json(args.out, results)}")
-    return 0
+    return run_benchmark(argv, parse_args, run, report)
 
 
 if __name__ == "__main__":

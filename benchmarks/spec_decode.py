@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import fmt, machine, print_table, random_ids, write_json
+from benchmarks.common import fmt, machine, print_table, random_ids, run_benchmark
 from workers import LLM, SamplingParams
 from workers.model.draft_pair import make_draft_pair
 from workers.model.make_model import make_model
@@ -365,11 +365,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    results = run(args)
-    report(results)
-    print(f"\nwrote {write_json(args.out, results)}")
-    return 0
+    return run_benchmark(argv, parse_args, run, report)
 
 
 if __name__ == "__main__":

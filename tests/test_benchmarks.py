@@ -13,6 +13,7 @@ import pytest
 
 from benchmarks.common import make_trace
 from benchmarks.engine import RATIO_KEYS, Settings, main
+from tests.bench_checks import numbers
 
 SYSTEM_METRICS = [
     *RATIO_KEYS,
@@ -42,17 +43,6 @@ POSITIVE = {
         "decode_fraction",
     ],
 }
-
-
-def numbers(value: Any) -> list[float]:
-    """Every number inside a JSON value."""
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in numbers(v)]
-    if isinstance(value, list):
-        return [x for v in value for x in numbers(v)]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return []
-    return [value]
 
 
 @pytest.fixture(scope="module")

@@ -13,20 +13,10 @@ import pytest
 import torch
 
 from benchmarks.spec_decode import CALIBRATION, MODES, Settings, main
+from tests.bench_checks import numbers
 
 POSITIVE = ("tokens_per_s", "cpu_tokens_per_s", "mean_latency_s", "output_tokens")
 RATIOS = ("tokens_per_s_ratio", "cpu_tokens_per_s_ratio")
-
-
-def numbers(value: Any) -> list[float]:
-    """Every number inside a JSON value."""
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in numbers(v)]
-    if isinstance(value, list):
-        return [x for v in value for x in numbers(v)]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return []
-    return [value]
 
 
 @pytest.fixture(scope="module")
