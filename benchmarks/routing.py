@@ -43,7 +43,7 @@ from benchmarks.common import (
     run_benchmark,
 )
 from cluster.app import build_app
-from cluster.config import ClusterConfig, EngineSettings, RouterSettings
+from cluster.config import ClusterConfig, RouterSettings
 from kvstore.index_actor import kill_index_actor
 from workers import Engine, EngineConfig, SamplingParams
 from workers.model.config import ModelConfig
@@ -111,7 +111,7 @@ def cluster_config(
         num_workers=settings.num_workers,
         num_cpus_per_worker=0.25,  # four workers share the machine's cores
         publish_interval_s=settings.publish_interval_s,
-        engine=EngineSettings(block_size=BLOCK_SIZE, num_blocks=settings.num_blocks),
+        engine=dict(block_size=BLOCK_SIZE, num_blocks=settings.num_blocks),
         router=RouterSettings(policy=policy, **weights),
     )
 

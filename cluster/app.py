@@ -22,8 +22,6 @@ INGRESS_DEPLOYMENT = "MantaIngress"
 def build_app(config: ClusterConfig) -> Application:
     model_config = ModelConfig.from_pretrained(config.model)
     engine_config = config.engine_config()
-    engine_config.model_id = config.model_name
-    engine_config.enable_kv_sharing = config.redis_url is not None
     max_model_len = min(
         engine_config.max_model_len or model_config.max_position_embeddings,
         model_config.max_position_embeddings,

@@ -48,14 +48,7 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from workers import Engine, EngineConfig, SamplingParams
 
-    engine = Engine(
-        EngineConfig(
-            model=args.model or default_model(),
-            dtype=args.dtype,
-            kv_cache_bytes=args.kv_cache_mb * 2**20,
-            max_model_len=args.max_model_len,
-        )
-    )
+    engine = Engine(EngineConfig(model=args.model or default_model(), **engine_settings(args)))
     prompt = args.prompt
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -81,25 +74,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cluster.app import build_app
-    from cluster.config import ClusterConfig, EngineSettings
+    from cluster.config import ClusterConfig
     from kvstore.index_actor import kill_index_actor
 
+    cpus = args.cpus_per_worker
+    if cpus is None:  # CPU workers split this machine's cores; GPU workers need few
+        cpus = 1.0 if args.gpus_per_worker else max(1.0, (os.cpu_count() or 1) / args.workers)
     config = ClusterConfig(
         model=args.model or default_model(),
         served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
         num_workers=args.workers,
-        num_cpus_per_worker=args.cpus_per_worker,
+        num_cpus_per_worker=cpus,
         num_gpus_per_worker=args.gpus_per_worker,
         redis_url=args.redis_url,
         host=args.host,
         port=args.port,
-        engine=EngineSettings(
-            dtype=args.dtype,
-            kv_cache_bytes=args.kv_cache_mb * 2**20,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            speculative=speculative_settings(args),
-        ),
+        engine=engine_settings(args),
     )
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -113,6 +103,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         kill_index_actor(config.model_name)
     return 0
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The engine flags that were given; the rest keep EngineConfig's defaults."""
+    kv_mb = getattr(args, "kv_cache_mb", None)
+    values = {
+        "dtype": args.dtype,
+        "kv_cache_bytes": kv_mb * 2**20 if kv_mb else None,
+        "max_num_seqs": getattr(args, "max_num_seqs", None),
+        "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", None),
+        "max_model_len": args.max_model_len,
+        "speculative": speculative_settings(args) if hasattr(args, "speculative_method") else None,
+    }
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def speculative_settings(args: argparse.Namespace) -> dict | None:
@@ -141,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint in HF format")
     p.add_argument("out_dir")
-    p.add_argument("--preset", choices=["tiny", "small", "bench"], default="tiny")
+    p.add_argument("--preset", choices=["tiny", "small", "compare", "bench"], default="tiny")
     p.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
     p.add_argument("--layout", choices=["v4", "v5"], default="v4")
     p.add_argument("--shards", type=int, default=1)
@@ -166,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-mb", type=int, help="KV pool size (default: 512 MiB on CPU)")
     p.add_argument("--max-model-len", type=int)
     p.set_defaults(func=cmd_generate)
 
@@ -175,14 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
     p.add_argument("--served-model-name", help="model name clients use (default: --model)")
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs (and compute threads) per worker; default on CPU: this machine's cores "
+        "split among the workers",
+    )
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--redis-url", help="share the prefix index in Redis (default: embedded)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--kv-cache-mb", type=int, default=256)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-mb", type=int, help="KV pool per worker (default: 512 MiB on CPU)")
+    p.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="most tokens in one step (2048)")
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--speculative-method", choices=["ngram", "draft"])
     p.add_argument("--speculative-model", help="draft checkpoint (with --speculative-method draft)")

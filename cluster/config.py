@@ -6,34 +6,12 @@ then receives only the few numbers it needs (`engine_config()`, `router_settings
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from workers.engine import EngineConfig
-
-
-class EngineSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype; float32 on CPU (bfloat16 is slow there)."
-    )
-    block_size: int = Field(16, ge=1, description="Tokens per KV block.")
-    kv_cache_bytes: int = Field(256 * 2**20, ge=1, description="KV pool size per worker.")
-    num_blocks: int | None = Field(None, ge=1, description="Exact pool size (overrides bytes).")
-    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one step.")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="Most tokens in one step.")
-    max_model_len: int | None = Field(None, ge=1, description="Context cap (default: model's).")
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    batching: Literal["adaptive", "fixed"] = "adaptive"
-    speculative: dict | None = Field(
-        None,
-        description='Speculative decoding, e.g. {"method": "ngram", "num_speculative_tokens": '
-        '4} or {"method": "draft", "model": DIR, "num_speculative_tokens": "auto"}.',
-    )
-    seed: int = 0
+from workers.engine_config import EngineConfig
 
 
 class RouterSettings(BaseModel):
@@ -84,12 +62,36 @@ class ClusterConfig(BaseModel):
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429.")
     index_ttl_s: float = Field(15.0, gt=0, description="A silent worker's index entries expire.")
     publish_interval_s: float = Field(0.2, gt=0, description="How often workers publish events.")
-    engine: EngineSettings = Field(default_factory=EngineSettings)
+    engine: EngineConfig = Field(
+        description="The workers' engine settings (workers.engine_config.EngineConfig); its "
+        "`model` is always this config's `model`."
+    )
     router: RouterSettings = Field(default_factory=RouterSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _engine_serves_the_model(cls, data: Any) -> Any:
+        """The engine settings are given without the model: it is the cluster's."""
+        if isinstance(data, dict):
+            engine = data.get("engine") or {}
+            if isinstance(engine, EngineConfig):
+                engine = dataclasses.asdict(engine)
+            if "model" in engine and engine["model"] != data.get("model"):
+                raise ValueError("set the model once, at the top level, not under engine")
+            data = {**data, "engine": {**engine, "model": data.get("model")}}
+        return data
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(model=self.model, **self.engine.model_dump())
+        """The workers' engine settings, keyed to the served model name and sized to the
+        CPUs each worker is given."""
+        threads = max(1, round(self.num_cpus_per_worker)) if self.num_cpus_per_worker else None
+        return dataclasses.replace(
+            self.engine,
+            model_id=self.model_name,
+            enable_kv_sharing=self.redis_url is not None,
+            num_threads=self.engine.num_threads or threads,
+        )

@@ -43,3 +43,14 @@ def hash_blocks(
         parent_hash = hash_block(parent_hash, token_ids[start : start + block_size], extra_key)
         hashes.append(parent_hash)
     return hashes
+
+
+def extend_block_hashes(
+    hashes: list[int], token_ids: Sequence[int], block_size: int, extra_key: bytes = b""
+) -> None:
+    """Append to ``hashes`` (the chained hashes of ``token_ids``' leading full blocks) the
+    hashes of the full blocks after them: a growing sequence is hashed once, a block at a time."""
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start : start + block_size], extra_key)
+        hashes.append(parent)

@@ -1,12 +1,15 @@
 """The small message types that cross the router/worker process boundary.
 
 Both sides import them from here, so neither imports the other. They are plain dataclasses
-(pickled by Ray) and two exception types whose meaning survives the trip.
+(pickled by Ray between trusted cluster processes; nothing from clients or Redis is ever
+unpickled) and a few exception types whose meaning survives the trip.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from kvstore.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -22,26 +25,36 @@ class RoutingHint:
 class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict  # keyword arguments of workers' SamplingParams
+    sampling: SamplingParams
     priority: int = 0
     routing: RoutingHint | None = None
+    # Chained hashes of the prompt's full blocks (kvstore.hashing, keyed by the model id),
+    # computed once by the router; the worker's prefix cache and KV sharing reuse them.
+    block_hashes: list[int] | None = None
 
 
 @dataclass(slots=True)
-class StreamDelta:
-    """One step's output for one request, as streamed from a worker."""
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)  # most likely token ids -> logprob
 
-    text: str
-    token_ids: list[int]
+
+@dataclass(slots=True)
+class RequestDelta:
+    """What one engine step added to one request: the streaming unit, from the engine's step
+    through the worker deployment to the router, unchanged."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
     finished: bool = False
-    finish_reason: str | None = None
-    # per new token: (token id, logprob, {top token id: logprob})
-    logprobs: list[tuple[int, float, dict[int, float]]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    new_logprobs: list[TokenLogprobs] | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
     num_output_tokens: int = 0
-    worker_id: str = ""
-    extra: dict = field(default_factory=dict)
+    num_cached_tokens: int = 0
+    worker_id: str = ""  # set by the worker deployment that streamed it
 
 
 class RequestRejectedError(ValueError):

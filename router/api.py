@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from kvstore.messages import (
+    RequestDelta,
     RequestRejectedError,
-    StreamDelta,
     WorkerOverloadedError,
     WorkerUnavailableError,
 )
@@ -98,23 +98,23 @@ async def _parse(request: Request, model_cls):
     return body
 
 
-async def _timed(stream: AsyncIterator[StreamDelta], metrics: Metrics, start: float):
+async def _timed(stream: AsyncIterator[RequestDelta], metrics: Metrics, start: float):
     """Observe time to first token and inter-token latency as the deltas pass."""
     last = None
     async for delta in stream:
         now = time.perf_counter()
-        if delta.token_ids:
+        if delta.new_token_ids:
             if last is None:
                 metrics.ttft.observe(now - start)
             else:
-                metrics.itl.observe((now - last) / len(delta.token_ids))
+                metrics.itl.observe((now - last) / len(delta.new_token_ids))
             last = now
         yield delta
 
 
 async def _merged(
-    streams: list[AsyncIterator[StreamDelta]],
-) -> AsyncIterator[tuple[int, StreamDelta]]:
+    streams: list[AsyncIterator[RequestDelta]],
+) -> AsyncIterator[tuple[int, RequestDelta]]:
     """Interleave several choices' streams as their deltas arrive."""
     if len(streams) == 1:
         async for delta in streams[0]:

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 from kvstore.hashing import ROOT_HASH, hash_block, hash_blocks
 from kvstore.index import PrefixIndex
-from kvstore.messages import GenerateRequest, RoutingHint, StreamDelta, WorkerUnavailableError
+from kvstore.messages import GenerateRequest, RequestDelta, RoutingHint, WorkerUnavailableError
+from kvstore.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 class Backend(Protocol):
     """Where requests go: the worker deployment (or, in one process, an engine)."""
 
-    def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]: ...
+    def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]: ...
 
 
 class ContextLengthError(ValueError):
@@ -73,7 +74,9 @@ class Frontend:
     async def build_request(
         self, token_ids: list[int], sampling: dict, priority: int = 0
     ) -> GenerateRequest:
-        """Check the prompt fits, fill max_tokens if unset, and attach the routing hint."""
+        """Check the prompt fits, fill max_tokens if unset, validate the sampling settings
+        (ValueError naming the problem), hash the prompt's blocks once (the worker reuses the
+        hashes) and attach the routing hint."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         room = self.max_model_len - len(token_ids)
@@ -85,7 +88,9 @@ class Frontend:
                 f"you requested {len(token_ids) + asked} tokens ({len(token_ids)} in the "
                 f"prompt, {asked} for the completion). Please reduce the prompt or max_tokens."
             )
-        sampling = {**sampling, "max_tokens": max_tokens if max_tokens is not None else room}
+        params = SamplingParams(
+            **{**sampling, "max_tokens": max_tokens if max_tokens is not None else room}
+        )
         hashes = hash_blocks(token_ids, self.block_size, self.hash_key)
         matched = await self.index.match(hashes) if hashes else {}
         head = token_ids[: self.affinity_prefix_tokens]
@@ -94,14 +99,14 @@ class Frontend:
             affinity_key=hash_block(ROOT_HASH, head, self.hash_key),
             block_size=self.block_size,
         )
-        return GenerateRequest(uuid.uuid4().hex, token_ids, sampling, priority, hint)
+        return GenerateRequest(uuid.uuid4().hex, token_ids, params, priority, hint, hashes)
 
     async def worker_stats(self) -> dict[str, dict]:
         """Each live worker's last reported stats (through the index), for /metrics."""
         return await self.index.worker_stats()
 
     # -- dispatch ---------------------------------------------------------------------------
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         """The request's deltas; a worker that dies before its first token is retried."""
         attempt = 0
         while True:

@@ -17,7 +17,7 @@ from kvstore.index import make_index
 from kvstore.index_actor import ActorPrefixIndex
 from kvstore.messages import (
     GenerateRequest,
-    StreamDelta,
+    RequestDelta,
     WorkerOverloadedError,
     WorkerUnavailableError,
 )
@@ -49,7 +49,7 @@ class ServeBackend:
 
         return contextvars.copy_context().run(remote)
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         response = self._call(request)
         finished = False
         try:

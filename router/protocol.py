@@ -168,7 +168,7 @@ class CompletionRequest(_SamplingRequest):
         return _split_prompts(self.prompt)
 
     def to_sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `workers.sampling_params.SamplingParams`."""
+        """Keyword arguments for `kvstore.sampling_params.SamplingParams`."""
         max_tokens = self.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS
         return self._sampling_kwargs(max_tokens, self.logprobs)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore.messages import StreamDelta
+from kvstore.messages import RequestDelta, TokenLogprobs
 from router.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,7 +34,7 @@ class _Choice:
     finish_reason: str | None = None
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
-    logprobs: list[tuple[int, float, dict[int, float]]] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class _Formatter:
@@ -50,15 +50,15 @@ class _Formatter:
         self.id = new_id(self.id_prefix)
         self.wants_logprobs = body.to_sampling_kwargs()["logprobs"] is not None
 
-    def _record(self, index: int, delta: StreamDelta) -> _Choice:
+    def _record(self, index: int, delta: RequestDelta) -> _Choice:
         choice = self.choices[index]
-        choice.text += delta.text
+        choice.text += delta.new_text
         choice.num_output_tokens = delta.num_output_tokens or choice.num_output_tokens
         choice.num_cached_tokens = delta.num_cached_tokens
         if delta.finished:
             choice.finish_reason = delta.finish_reason
-        if delta.logprobs:
-            choice.logprobs.extend(delta.logprobs)
+        if delta.new_logprobs:
+            choice.logprobs.extend(delta.new_logprobs)
         return choice
 
     def usage(self) -> Usage:
@@ -72,7 +72,7 @@ class _Formatter:
     def _token(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def add(self, index: int, delta: StreamDelta) -> None:
+    def add(self, index: int, delta: RequestDelta) -> None:
         self._record(index, delta)
 
 
@@ -83,7 +83,8 @@ class CompletionFormatter(_Formatter):
         if not self.wants_logprobs:
             return None
         out = CompletionLogprobs()
-        for token_id, logprob, top in entries:
+        for entry in entries:
+            token_id, logprob, top = entry.token_id, entry.logprob, entry.top
             token = self._token(token_id)
             out.tokens.append(token)
             out.token_logprobs.append(logprob)
@@ -106,13 +107,13 @@ class CompletionFormatter(_Formatter):
             id=self.id, model=self.model, choices=choices, usage=self.usage()
         ).model_dump()
 
-    def chunks(self, index: int, delta: StreamDelta) -> list[str]:
+    def chunks(self, index: int, delta: RequestDelta) -> list[str]:
         offset = len(self.choices[index].text)
         self._record(index, delta)
         choice = CompletionChoice(
             index=index,
-            text=delta.text,
-            logprobs=self._logprobs(delta.logprobs or [], offset),
+            text=delta.new_text,
+            logprobs=self._logprobs(delta.new_logprobs or [], offset),
             finish_reason=delta.finish_reason if delta.finished else None,
         )
         chunk = CompletionResponse(id=self.id, model=self.model, choices=[choice])
@@ -135,7 +136,8 @@ class ChatFormatter(_Formatter):
         if not self.wants_logprobs:
             return None
         content = []
-        for token_id, logprob, top in entries:
+        for entry in entries:
+            token_id, logprob, top = entry.token_id, entry.logprob, entry.top
             token = self._token(token_id)
             content.append(
                 TokenLogprob(
@@ -170,7 +172,7 @@ class ChatFormatter(_Formatter):
         chunk = ChatCompletionChunk(id=self.id, model=self.model, choices=[choice])
         return chunk.model_dump_json(exclude={"usage"})
 
-    def chunks(self, index: int, delta: StreamDelta) -> list[str]:
+    def chunks(self, index: int, delta: RequestDelta) -> list[str]:
         self._record(index, delta)
         out = []
         if index not in self._started:  # the first chunk of a choice names the role
@@ -180,13 +182,13 @@ class ChatFormatter(_Formatter):
                     ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 )
             )
-        if delta.text or delta.logprobs:
+        if delta.new_text or delta.new_logprobs:
             out.append(
                 self._chunk(
                     ChatChunkChoice(
                         index=index,
-                        delta=DeltaMessage(content=delta.text),
-                        logprobs=self._logprobs(delta.logprobs or []),
+                        delta=DeltaMessage(content=delta.new_text),
+                        logprobs=self._logprobs(delta.new_logprobs or []),
                     )
                 )
             )

@@ -19,9 +19,10 @@ def snapshot(running: int, waiting: int, waiting_tokens: int) -> QueueSnapshot:
 
 
 def trained(overhead: float = 0.03, per_token: float = 0.002) -> AdaptiveBatchingPolicy:
-    policy = AdaptiveBatchingPolicy(2048, 64)
+    step_time = StepTimeModel()  # shared with the engine, which feeds it every step
+    policy = AdaptiveBatchingPolicy(2048, 64, step_time)
     for tokens in (1, 8, 64, 300, 17, 900, 2, 128) * 5:
-        policy.observe(tokens, 1, overhead + per_token * tokens)
+        step_time.observe(tokens, overhead + per_token * tokens)
     return policy
 
 

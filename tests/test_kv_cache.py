@@ -19,8 +19,24 @@ from workers.kv_cache import KVCacheManager
 BS = 4
 
 
-def make(num_blocks: int = 16, caching: bool = True, extra_key: bytes = b"") -> KVCacheManager:
-    return KVCacheManager(BlockPool(num_blocks, caching), BS, extra_key)
+class HashingKV(KVCacheManager):
+    """The manager as the scheduler drives it, with each call's block hashes computed from its
+    tokens (a Request carries them; here they are hashed on the spot)."""
+
+    def __init__(self, pool: BlockPool, block_size: int, extra_key: bytes = b"") -> None:
+        super().__init__(pool, block_size)
+        self.extra_key = extra_key
+
+    def match_prefix(self, token_ids):
+        return super().match_prefix(token_ids, hash_blocks(token_ids, BS, self.extra_key))
+
+    def commit(self, request_id, token_ids, num_computed_tokens):
+        hashes = hash_blocks(token_ids, BS, self.extra_key)
+        super().commit(request_id, token_ids, num_computed_tokens, hashes)
+
+
+def make(num_blocks: int = 16, caching: bool = True, extra_key: bytes = b"") -> HashingKV:
+    return HashingKV(BlockPool(num_blocks, caching), BS, extra_key)
 
 
 def free_ids(mgr: KVCacheManager) -> list[int]:
@@ -90,18 +106,18 @@ def test_cache_disabled() -> None:
 
 def test_extra_key_separates_models() -> None:
     pool = BlockPool(8)
-    a, b = KVCacheManager(pool, BS, b"model-a"), KVCacheManager(pool, BS, b"model-b")
+    a, b = HashingKV(pool, BS, b"model-a"), HashingKV(pool, BS, b"model-b")
     run_prompt(a, "x", SYSTEM + [1])
     assert b.match_prefix(SYSTEM + [1]).num_cached_tokens == 0
     assert a.match_prefix(SYSTEM + [1]).num_cached_tokens == 8
 
 
-def test_hash_collision_never_serves_wrong_kv(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kv_cache, "hash_block", lambda parent, tokens, extra=b"": 42)
-    mgr = make()
-    run_prompt(mgr, "a", [1, 2, 3, 4, 5])
-    assert mgr.match_prefix([9, 9, 9, 9, 9]).num_cached_tokens == 0
-    assert mgr.match_prefix([1, 2, 3, 4, 9]).num_cached_tokens == 4
+def test_hash_collision_never_serves_wrong_kv() -> None:
+    mgr = KVCacheManager(BlockPool(8), BS)
+    assert mgr.allocate_slots("a", 5, mgr.match_prefix([1, 2, 3, 4, 5], [42]))
+    mgr.commit("a", [1, 2, 3, 4, 5], 5, [42])  # every block "hashes" to 42
+    assert mgr.match_prefix([9, 9, 9, 9, 9], [42]).num_cached_tokens == 0
+    assert mgr.match_prefix([1, 2, 3, 4, 9], [42]).num_cached_tokens == 4
 
 
 def test_lazy_allocation_across_block_boundaries() -> None:
@@ -284,7 +300,7 @@ class ManagerMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mgr = KVCacheManager(BlockPool(12, self.caching), BS, b"m")
+        self.mgr = HashingKV(BlockPool(12, self.caching), BS, b"m")
         self.kv = {block_id: [GARBAGE] * BS for block_id in range(12)}
         self.reqs: dict[str, Request] = {}
         self.raw: list[list[KVBlock]] = []  # blocks held by something else: pool pressure

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from kvstore.sampling_params import SamplingParams
 from router.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -34,7 +35,6 @@ from router.protocol import (
     error_body,
     validation_error_body,
 )
-from workers.sampling_params import SamplingParams
 
 USER = [{"role": "user", "content": "hi"}]
 

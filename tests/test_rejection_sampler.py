@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore.sampling_params import SamplingParams
 from workers.sampler import SamplingBatch, make_generator, probs_from_logits
-from workers.sampling_params import SamplingParams
 from workers.spec_decode.rejection import verify_greedy, verify_sampled
 
 V = 7

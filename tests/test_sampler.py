@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvstore.sampling_params import SamplingParams
 from workers.sampler import (
     Sampler,
     SamplingBatch,
@@ -15,7 +16,6 @@ from workers.sampler import (
     probs_from_logits,
     sample_from_probs,
 )
-from workers.sampling_params import SamplingParams
 
 
 def reference_kept(row: list[float], top_k: int, top_p: float, min_p: float) -> set[int]:

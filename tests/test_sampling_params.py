@@ -2,7 +2,7 @@
 
 import pytest
 
-from workers.sampling_params import SamplingParams
+from kvstore.sampling_params import SamplingParams
 
 
 def test_defaults_match_vllm() -> None:

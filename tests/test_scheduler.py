@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from kvstore.sampling_params import SamplingParams
 from workers.block_pool import BlockPool
 from workers.kv_cache import KVCacheManager
 from workers.request import Request, RequestStatus
-from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig
 
 
@@ -21,15 +21,17 @@ def request(rid: str, n: int, priority: int = 0, max_tokens: int = 8) -> Request
     """A prompt of n tokens no other request shares (so the prefix cache stays out of it)."""
     first = 1000 * (sum(map(ord, rid)) % 50)
     tokens = list(range(first, first + n))
-    return Request(rid, tokens, SamplingParams(max_tokens=max_tokens), 0.0, priority)
+    params = SamplingParams(max_tokens=max_tokens)
+    return Request(rid, tokens, params, 0.0, priority, block_size=4)  # as make()'s cache
 
 
-def finish_step(sched: Scheduler, out) -> None:
-    """Pretend the model ran: every request that reached its end gets one new token."""
-    sched.update_after_step(out)
-    for r in out.requests:
-        if r.num_computed_tokens == r.num_tokens:
-            r.token_ids.append(7)
+def finish_step(sched: Scheduler, out) -> list[Request]:
+    """Pretend the model ran: every request whose step reached its end samples token 7."""
+    sampled = [
+        [7] if r.num_computed_tokens + n >= r.num_tokens else []
+        for r, n in zip(out.requests, out.num_scheduled_tokens)
+    ]
+    return sched.update_from_output(out, sampled)
 
 
 def test_priority_then_arrival_order_and_chunked_budget():

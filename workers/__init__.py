@@ -1,9 +1,9 @@
 """One worker: a model, its paged KV cache and the engine that batches requests over it."""
 
+from kvstore.sampling_params import SamplingParams
 from workers.engine import Engine, EngineConfig
 from workers.llm import LLM
 from workers.outputs import CompletionOutput, RequestDelta, RequestOutput
-from workers.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",

@@ -16,9 +16,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from kvstore.messages import RequestDelta
+from kvstore.sampling_params import SamplingParams
 from workers.engine import Engine, EngineConfig
-from workers.outputs import RequestDelta
-from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class _Submit:
     params: SamplingParams
     priority: int
     kv_payloads: list | None
+    block_hashes: list[int] | None
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
 
@@ -61,16 +62,16 @@ class AsyncEngine:
         request_id: str | None = None,
         priority: int = 0,
         kv_payloads: list | None = None,
+        block_hashes: list[int] | None = None,
     ) -> AsyncIterator[RequestDelta]:
         """Streams the request's deltas; raises ValueError if the engine rejects it."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         request_id = request_id or uuid.uuid4().hex
         sink: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         self._inbox.put(
-            _Submit(
-                request_id, prompt, params, priority, kv_payloads, sink, asyncio.get_running_loop()
-            )
+            _Submit(request_id, prompt, params, priority, kv_payloads, block_hashes, sink, loop)
         )
         finished = False
         try:
@@ -149,7 +150,12 @@ class AsyncEngine:
         if isinstance(item, _Submit):
             try:
                 self.engine.add_request(
-                    item.prompt, item.params, item.request_id, item.priority, item.kv_payloads
+                    item.prompt,
+                    item.params,
+                    item.request_id,
+                    item.priority,
+                    item.kv_payloads,
+                    item.block_hashes,
                 )
             except Exception as error:
                 _call_in(item.loop, item.sink.put_nowait, error)

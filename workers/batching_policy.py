@@ -1,11 +1,11 @@
 """Dynamic batching: how many tokens and sequences the next step may take.
 
-The scheduler asks a policy for each step's limits from a snapshot of the live queue, and
-reports back how long the step took. `FixedBatchingPolicy` returns constants (the usual
-engine settings, kept for comparison); `AdaptiveBatchingPolicy` fits the step time as a
-function of batch tokens and sizes prefill chunks to trade the running requests' inter-token
-latency against the waiting requests' time to first token. A learned policy implements the same
-two methods.
+The scheduler asks a policy for each step's limits from a snapshot of the live queue, and the
+engine reports back how long each step took. `FixedBatchingPolicy` returns constants (the usual
+engine settings, kept for comparison); `AdaptiveBatchingPolicy` reads the engine's fitted step
+time (`StepTimeModel`, one per engine, shared with speculative decoding) and sizes prefill
+chunks to trade the running requests' inter-token latency against the waiting requests' time
+to first token. A learned policy implements the same two methods.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class AdaptiveBatchingPolicy(BatchingPolicy):
         self,
         max_num_batched_tokens: int,
         max_num_seqs: int,
+        step_time: StepTimeModel,
         latency_weight: float = 1.0,
         min_prefill_chunk: int = 32,
     ) -> None:
@@ -102,7 +103,7 @@ class AdaptiveBatchingPolicy(BatchingPolicy):
         self.max_seqs = max_num_seqs
         self.latency_weight = latency_weight
         self.min_chunk = min_prefill_chunk
-        self.model = StepTimeModel()
+        self.model = step_time  # fitted by the engine from every step it runs
         self.last_budget = max_num_batched_tokens
 
     def limits(self, queue: QueueSnapshot) -> BatchLimits:
@@ -115,9 +116,6 @@ class AdaptiveBatchingPolicy(BatchingPolicy):
             budget = min(self.max_tokens, decoding + max(self.min_chunk, int(chunk)))
         self.last_budget = budget
         return BatchLimits(budget, self.max_seqs)
-
-    def observe(self, num_tokens: int, num_seqs: int, seconds: float) -> None:
-        self.model.observe(num_tokens, seconds)
 
     def describe(self) -> dict[str, float]:
         return {

@@ -21,15 +21,14 @@ from kvstore.index import PrefixIndex, make_index
 from kvstore.index_actor import ActorPrefixIndex
 from kvstore.messages import (
     GenerateRequest,
+    RequestDelta,
     RequestRejectedError,
-    StreamDelta,
     WorkerOverloadedError,
 )
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
 from workers.kv_transfer import LoadCostModel
 from workers.model.paged_cache import kv_block_bytes
-from workers.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -75,47 +74,39 @@ class WorkerDeployment:
                 logger.exception("publishing KV events failed")
             await asyncio.sleep(self.publish_interval_s)
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[StreamDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         stats = self.engine.stats()
         if stats["num_requests_waiting"] >= self.max_waiting:
             raise WorkerOverloadedError(
                 f"worker {self.worker_id} has {stats['num_requests_waiting']} requests waiting"
             )
-        try:
-            params = SamplingParams(**request.sampling)
-        except (TypeError, ValueError) as error:
-            raise RequestRejectedError(str(error)) from None
-        payloads = await self._fetch_shared_prefix(request.prompt_token_ids)
+        hashes = request.block_hashes
+        payloads = await self._fetch_shared_prefix(request.prompt_token_ids, hashes)
         stream = self.engine.generate(
-            request.prompt_token_ids, params, request.request_id, request.priority, payloads
+            request.prompt_token_ids,
+            request.sampling,
+            request.request_id,
+            request.priority,
+            payloads,
+            hashes,
         )
         try:
             async for delta in stream:
-                yield StreamDelta(
-                    text=delta.new_text,
-                    token_ids=delta.new_token_ids,
-                    finished=delta.finished,
-                    finish_reason=delta.finish_reason,
-                    logprobs=[(lp.token_id, lp.logprob, lp.top) for lp in delta.new_logprobs]
-                    if delta.new_logprobs
-                    else None,
-                    num_prompt_tokens=delta.num_prompt_tokens,
-                    num_cached_tokens=delta.num_cached_tokens,
-                    num_output_tokens=delta.num_output_tokens,
-                    worker_id=self.worker_id,
-                )
+                delta.worker_id = self.worker_id
+                yield delta
         except ValueError as error:
             raise RequestRejectedError(str(error)) from None
         finally:
             await stream.aclose()
 
-    async def _fetch_shared_prefix(self, token_ids: list[int]) -> list | None:
-        """KV of the prompt's leading blocks from the shared store, when this worker lacks
-        them and loading is expected to beat recomputing them."""
+    async def _fetch_shared_prefix(
+        self, token_ids: list[int], hashes: list[int] | None
+    ) -> list | None:
+        """KV of the prompt's leading blocks (`hashes`, from the router) from the shared
+        store, when this worker lacks them and loading is expected to beat recomputing them."""
         transfer = self.engine.engine.transfer
-        if self.block_store is None or transfer is None:
+        if self.block_store is None or transfer is None or not hashes:
             return None
-        hashes = transfer.block_hashes(token_ids)
         # Read from this thread while the engine thread runs: at worst a stale answer, which
         # only changes what is fetched; the engine verifies every payload it loads.
         missing = hashes[transfer.num_cached_leading(token_ids, hashes) :]

@@ -2,8 +2,9 @@
 
 The scheduler talks only to ``KVCacheManager``: it matches a new request's prompt against the
 prefix cache, grows each request's table as tokens are scheduled, commits computed tokens (which
-registers newly full blocks in the cache) and rolls back, forks or frees tables. A request's
-block hashes grow as its tokens are committed; only computed, full blocks are ever cached.
+registers newly full blocks in the cache) and rolls back, forks or frees tables. Block hashes
+come from the request (`Request.block_hashes`, computed once as its tokens arrive); only
+computed, full blocks are ever cached.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvstore.events import KVEvent
-from kvstore.hashing import ROOT_HASH, hash_block
 from workers.block_pool import BlockPool, KVBlock
 
 
@@ -33,12 +33,13 @@ class PrefixMatch:
 
 @dataclass(slots=True)
 class _RequestBlocks:
-    """One request's table: its blocks, their ids, hashes of its committed full blocks."""
+    """One request's table: its blocks, their ids, how many lead blocks are in the cache."""
 
     blocks: list[KVBlock]
     block_ids: list[int]
-    block_hashes: list[int]
+    num_cached_blocks: int
     num_computed_tokens: int
+    num_synced: int = 0  # leading block ids unchanged since the table was last read
 
 
 class KVCacheManager:
@@ -49,14 +50,13 @@ class KVCacheManager:
     tokens. The pool's own lookup counters are fed in blocks at the same moment.
     """
 
-    __slots__ = ("pool", "block_size", "extra_key", "_requests", "_queries", "_hits")
+    __slots__ = ("pool", "block_size", "_requests", "_queries", "_hits")
 
-    def __init__(self, pool: BlockPool, block_size: int, extra_key: bytes = b"") -> None:
+    def __init__(self, pool: BlockPool, block_size: int) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.pool = pool
         self.block_size = block_size
-        self.extra_key = extra_key
         self._requests: dict[str, _RequestBlocks] = {}
         self._queries = 0
         self._hits = 0
@@ -65,26 +65,25 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
-    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
+    def match_prefix(self, token_ids: Sequence[int], block_hashes: Sequence[int]) -> PrefixMatch:
         """Longest run of leading full blocks found in the cache; takes no references.
 
-        At most ``len(token_ids) - 1`` tokens come from the cache: the last prompt token is
+        ``block_hashes`` are the chained hashes of the leading full blocks of ``token_ids``. At
+        most ``len(token_ids) - 1`` tokens come from the cache: the last prompt token is
         always computed, since its logits are needed.
         """
         num_tokens = len(token_ids)
         blocks: list[KVBlock] = []
-        hashes: list[int] = []
         if self.pool.enable_caching:
             size = self.block_size
-            parent = ROOT_HASH
-            for start in range(0, max(0, num_tokens - 1) // size * size, size):
-                chunk = token_ids[start : start + size]
-                parent = hash_block(parent, chunk, self.extra_key)
-                block = self.pool.lookup(parent, chunk)
+            for index in range(min(max(0, num_tokens - 1) // size, len(block_hashes))):
+                block = self.pool.lookup(
+                    block_hashes[index], token_ids[index * size : (index + 1) * size]
+                )
                 if block is None:
                     break
                 blocks.append(block)
-                hashes.append(parent)
+        hashes = list(block_hashes[: len(blocks)])
         return PrefixMatch(blocks, len(blocks) * self.block_size, hashes, num_tokens)
 
     def allocate_slots(
@@ -119,11 +118,18 @@ class KVCacheManager:
             state.block_ids.extend(block.block_id for block in new_blocks)
         return True
 
-    def commit(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+    def commit(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        block_hashes: Sequence[int],
+    ) -> None:
         """Record that the first ``num_computed_tokens`` of ``token_ids`` have KV written.
 
-        ``token_ids`` holds all known tokens of the request (prompt and generated). Every block
-        that this fills is hashed (chained on the previous one) and registered in the cache.
+        ``token_ids`` holds all known tokens of the request (prompt and generated) and
+        ``block_hashes`` their full blocks' chained hashes. Every block this fills is
+        registered in the cache under its hash.
         """
         state = self._requests[request_id]
         if not state.num_computed_tokens <= num_computed_tokens <= len(token_ids):
@@ -135,16 +141,15 @@ class KVCacheManager:
             raise ValueError(f"{num_computed_tokens} tokens exceed the allocated slots")
         state.num_computed_tokens = num_computed_tokens
         size = self.block_size
-        hashes = state.block_hashes
         num_full = num_computed_tokens // size
-        if num_full == len(hashes) or not self.pool.enable_caching:
+        if num_full == state.num_cached_blocks or not self.pool.enable_caching:
             return
-        parent = hashes[-1] if hashes else ROOT_HASH
-        for index in range(len(hashes), num_full):
+        if len(block_hashes) < num_full:
+            raise ValueError(f"{len(block_hashes)} block hashes for {num_full} full blocks")
+        for index in range(state.num_cached_blocks, num_full):
             chunk = token_ids[index * size : (index + 1) * size]
-            parent = hash_block(parent, chunk, self.extra_key)
-            hashes.append(parent)
-            self.pool.cache_block(state.blocks[index], parent, chunk)
+            self.pool.cache_block(state.blocks[index], block_hashes[index], chunk)
+        state.num_cached_blocks = num_full
 
     def truncate(self, request_id: str, num_tokens: int) -> None:
         """Shrink the table to the blocks ``num_tokens`` slots need, freeing the rest.
@@ -165,7 +170,8 @@ class KVCacheManager:
         dropped = state.blocks[keep:]
         del state.blocks[keep:]
         del state.block_ids[keep:]
-        del state.block_hashes[num_full:]
+        state.num_synced = min(state.num_synced, keep)
+        state.num_cached_blocks = min(state.num_cached_blocks, num_full)
         state.num_computed_tokens = min(state.num_computed_tokens, num_tokens)
         self.pool.free(reversed(dropped))
 
@@ -189,7 +195,7 @@ class KVCacheManager:
         self._requests[child_id] = _RequestBlocks(
             blocks,
             [block.block_id for block in blocks],
-            parent.block_hashes[:num_full],
+            min(parent.num_cached_blocks, num_full),
             num_computed,
         )
         return (parent.blocks[num_full].block_id, fresh[0].block_id) if partial else None
@@ -203,6 +209,14 @@ class KVCacheManager:
     def block_table(self, request_id: str) -> list[int]:
         """A copy of the request's block ids, in token order."""
         return list(self._requests[request_id].block_ids)
+
+    def sync_block_ids(self, request_id: str) -> tuple[int, list[int]]:
+        """``(start, ids)``: the request's live block ids, of which those from index ``start``
+        on changed since the previous call (for a model runner that keeps a copy up to date
+        without copying whole tables every step). Read-only for the caller."""
+        state = self._requests[request_id]
+        start, state.num_synced = state.num_synced, len(state.block_ids)
+        return min(start, len(state.block_ids)), state.block_ids
 
     def num_blocks_of(self, request_id: str) -> int:
         return len(self._requests[request_id].blocks)
@@ -220,7 +234,7 @@ class KVCacheManager:
     def _admit(self, request_id: str, prefix: PrefixMatch | None) -> _RequestBlocks:
         """Create the request's table, taking references on the matched prefix blocks."""
         if prefix is None:
-            state = _RequestBlocks([], [], [], 0)
+            state = _RequestBlocks([], [], 0, 0)
         else:
             for block, block_hash in zip(prefix.blocks, prefix.block_hashes, strict=True):
                 if block.block_hash != block_hash:
@@ -229,7 +243,7 @@ class KVCacheManager:
             state = _RequestBlocks(
                 list(prefix.blocks),
                 [block.block_id for block in prefix.blocks],
-                list(prefix.block_hashes),
+                len(prefix.blocks),
                 prefix.num_cached_tokens,
             )
             self._queries += prefix.num_query_tokens

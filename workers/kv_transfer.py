@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 
 from kvstore.block_store import BlockPayload
-from kvstore.hashing import hash_blocks
 from workers.kv_cache import KVCacheManager
 
 
@@ -39,9 +38,6 @@ class KVTransfer:
         self._pending: dict[int, tuple[int, ...]] = {}  # hot, not exported yet
         self._exported: OrderedDict[int, None] = OrderedDict()
         self.counters = {"kv_exported_blocks": 0, "kv_imported_blocks": 0, "kv_import_rejected": 0}
-
-    def block_hashes(self, token_ids: Sequence[int]) -> list[int]:
-        return hash_blocks(token_ids, self.kv.block_size, self.kv.extra_key)
 
     def num_cached_leading(self, token_ids: Sequence[int], hashes: Sequence[int]) -> int:
         """Leading full blocks of the prompt already in this worker's prefix cache."""
@@ -81,10 +77,15 @@ class KVTransfer:
         return out
 
     # -- import -----------------------------------------------------------------------------
-    def import_prefix(self, token_ids: Sequence[int], payloads: Sequence[BlockPayload]) -> int:
-        """Write verified payloads of the prompt's leading blocks into the prefix cache."""
+    def import_prefix(
+        self,
+        token_ids: Sequence[int],
+        hashes: Sequence[int],
+        payloads: Sequence[BlockPayload],
+    ) -> int:
+        """Write verified payloads of the prompt's leading blocks (`hashes`: their chained
+        hashes) into the prefix cache."""
         pool, size = self.kv.pool, self.kv.block_size
-        hashes = self.block_hashes(token_ids)
         by_hash = {p.block_hash: p for p in payloads}
         imported = 0
         for i, block_hash in enumerate(hashes):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from kvstore.sampling_params import SamplingParams
 from workers.engine import Engine, EngineConfig
 from workers.outputs import CompletionOutput, RequestOutput
-from workers.sampling_params import SamplingParams
 
 
 class LLM:

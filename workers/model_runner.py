@@ -1,16 +1,50 @@
 """Turns a scheduled batch into model inputs and runs the forward pass.
 
-Inputs are written into host buffers allocated once at start (viewed as tensors without
-copying), so a steady-state decode step allocates no input memory; on a GPU they are copied
-into device buffers that are likewise allocated once.
+Everything a step feeds the model lives in buffers allocated once at start. Each running
+sequence owns a row of a persistent block table, and a step writes only the block ids added
+since the sequence's last step (a decode step usually writes none); a steady-state decode step
+allocates no input memory. On a GPU the host buffers are copied into device buffers that are
+likewise allocated once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from workers.attention.base import AttentionMetadata
+from workers.kv_cache import KVCacheManager
+
+
+@dataclass(slots=True)
+class ModelInputs:
+    """One forward pass's inputs; `logits_indices` are the rows whose logits are returned."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor
+
+
+class _Buffer:
+    """A host array and, off the CPU, its device twin; `take(n)` gives the first n as a
+    tensor on the device (copied there asynchronously)."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device) -> None:
+        self.host = np.zeros(shape, np.int64)
+        self._host_t = torch.from_numpy(self.host)
+        on_cpu = device.type == "cpu"
+        self._device_t = (
+            self._host_t if on_cpu else torch.zeros(shape, dtype=torch.int64).to(device)
+        )
+
+    def take(self, n: int) -> torch.Tensor:
+        if self._device_t is self._host_t:
+            return self._host_t[:n]
+        return self._device_t[:n].copy_(self._host_t[:n], non_blocking=True)
 
 
 class ModelRunner:
@@ -18,79 +52,105 @@ class ModelRunner:
         self,
         model: torch.nn.Module,
         kv_caches: list[torch.Tensor],
-        block_size: int,
+        kv: KVCacheManager,
         max_num_batched_tokens: int,
         max_num_seqs: int,
         max_model_len: int,
-        max_query_tokens_per_seq: int = 1,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.device = kv_caches[0].device
-        max_blocks = -(-max_model_len // block_size)
-        self.max_tokens = max_num_batched_tokens
-        self.max_seqs = max_num_seqs
-        # Host buffers, written in place every step.
-        self._ids = np.zeros(max_num_batched_tokens, np.int64)
-        self._pos = np.zeros(max_num_batched_tokens, np.int64)
-        self._slots = np.zeros(max_num_batched_tokens, np.int64)
+        self.kv = kv
+        self.block_size = kv.block_size
+        device = self.device = kv_caches[0].device
+        max_blocks = -(-max_model_len // self.block_size)
+        self._ids = _Buffer((max_num_batched_tokens,), device)
+        self._pos = _Buffer((max_num_batched_tokens,), device)
+        self._slots = _Buffer((max_num_batched_tokens,), device)
+        self._logit_rows = _Buffer((max_num_batched_tokens,), device)
         self._starts = np.zeros(max_num_seqs + 1, np.int64)
         self._seq_lens = np.zeros(max_num_seqs, np.int64)
+        self._batch_rows = np.zeros(max_num_seqs, np.int64)
+        # Persistent block tables: one row per live sequence, written incrementally.
         self._tables = np.zeros((max_num_seqs, max_blocks), np.int64)
-        self._logit_rows = np.zeros(max_num_seqs * max_query_tokens_per_seq, np.int64)
-        self._arange = np.arange(max_model_len, dtype=np.int64)
+        self._tables_t = torch.from_numpy(self._tables)
+        self._step_tables = torch.zeros((max_num_seqs, max_blocks), dtype=torch.int64)
+        self._row_of: dict[str, int] = {}
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self._arange = np.arange(max(max_model_len, max_num_batched_tokens), dtype=np.int64)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(array)
-        return host if self.device.type == "cpu" else host.to(self.device, non_blocking=True)
-
-    def execute(
+    def prepare_inputs(
         self,
-        token_ids: list[list[int]],  # all known tokens of each scheduled sequence
-        num_computed: list[int],  # tokens whose KV is already in the cache
-        num_scheduled: list[int],  # tokens to compute this step
-        block_tables: list[list[int]],
-        logits_rows: list[list[int]],  # per sequence, which of its scheduled tokens need logits
-    ) -> torch.Tensor:
-        """One forward pass; returns float32 logits for the requested rows, in order."""
-        num_seqs = len(num_scheduled)
-        total = 0
-        num_rows = 0
-        width = 1
-        for i in range(num_seqs):
-            start, n = num_computed[i], num_scheduled[i]
+        seq_ids: Sequence[str],
+        new_token_ids: Sequence[Sequence[int]],  # the tokens each sequence computes this step
+        start_positions: Sequence[int],  # position of each sequence's first new token
+        num_logits: Sequence[int],  # how many of each sequence's last new tokens need logits
+    ) -> ModelInputs:
+        """Inputs for one forward pass over the sequences' new tokens; their block tables come
+        from the KV cache manager (slots for every new token must be allocated already)."""
+        num_seqs = len(seq_ids)
+        ids, pos, rows = self._ids.host, self._pos.host, self._logit_rows.host
+        total = num_rows = width = 0
+        for i, (seq_id, tokens, start) in enumerate(zip(seq_ids, new_token_ids, start_positions)):
+            n = len(tokens)
             end = start + n
-            self._ids[total : total + n] = token_ids[i][start:end]
-            self._pos[total : total + n] = self._arange[start:end]
-            table = block_tables[i]
-            self._tables[i, : len(table)] = table
-            width = max(width, len(table))
+            ids[total : total + n] = tokens
+            pos[total : total + n] = self._arange[start:end]
+            self._batch_rows[i] = self._sync_table(seq_id)
+            width = max(width, -(-end // self.block_size))
             self._seq_lens[i] = end
-            for row in logits_rows[i]:
-                self._logit_rows[num_rows] = total + row
-                num_rows += 1
+            k = num_logits[i]
+            if k:
+                rows[num_rows : num_rows + k] = self._arange[total + n - k : total + n]
+                num_rows += k
             total += n
             self._starts[i + 1] = total
-        positions = self._pos[:total]
-        seq_of_token = np.repeat(np.arange(num_seqs), num_scheduled)
+        batch_rows = self._batch_rows[:num_seqs]
+        positions = pos[:total]
+        seq_of_token = np.repeat(batch_rows, np.diff(self._starts[: num_seqs + 1]))
         blocks = self._tables[seq_of_token, positions // self.block_size]
-        self._slots[:total] = blocks * self.block_size + positions % self.block_size
-
+        self._slots.host[:total] = blocks * self.block_size + positions % self.block_size
+        tables = self._step_tables[:num_seqs, :width]
+        torch.index_select(self._tables_t[:, :width], 0, torch.from_numpy(batch_rows), out=tables)
+        if self.device.type != "cpu":
+            tables = tables.to(self.device, non_blocking=True)
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(self._slots[:total]),
+            slot_mapping=self._slots.take(total),
             query_start_loc=torch.from_numpy(self._starts[: num_seqs + 1]),
             seq_lens=torch.from_numpy(self._seq_lens[:num_seqs]),
-            block_tables=self._tensor(self._tables[:num_seqs, :width]),
+            block_tables=tables,
             block_size=self.block_size,
-            query_lens_list=list(num_scheduled),
-            seq_lens_list=[c + n for c, n in zip(num_computed, num_scheduled)],
+            query_lens_list=[len(t) for t in new_token_ids],
+            seq_lens_list=self._seq_lens[:num_seqs].tolist(),
         )
+        return ModelInputs(
+            self._ids.take(total), self._pos.take(total), meta, self._logit_rows.take(num_rows)
+        )
+
+    def execute(self, inputs: ModelInputs) -> torch.Tensor:
+        """One forward pass; float32 logits of the requested rows, in order."""
         with torch.inference_mode():
             return self.model(
-                self._tensor(self._ids[:total]),
-                self._tensor(self._pos[:total]),
+                inputs.input_ids,
+                inputs.positions,
                 self.kv_caches,
-                meta,
-                self._tensor(self._logit_rows[:num_rows]),
+                inputs.meta,
+                inputs.logits_indices,
             )
+
+    def release(self, seq_ids: Sequence[str]) -> None:
+        """Free the table rows of finished or preempted sequences (a preempted one gets a
+        fresh table, written whole, when it is admitted again)."""
+        for seq_id in seq_ids:
+            row = self._row_of.pop(seq_id, None)
+            if row is not None:
+                self._free_rows.append(row)
+
+    def _sync_table(self, seq_id: str) -> int:
+        """The sequence's table row, with the block ids changed since its last step written."""
+        row = self._row_of.get(seq_id)
+        if row is None:
+            row = self._row_of[seq_id] = self._free_rows.pop()
+        start, block_ids = self.kv.sync_block_ids(seq_id)
+        if start < len(block_ids):
+            self._tables[row, start : len(block_ids)] = block_ids[start:]
+        return row

@@ -1,17 +1,22 @@
-"""Per-request output handling: detokenize incrementally, apply stop conditions, build deltas."""
+"""Per-request text: incremental detokenizing and stop strings, turned into stream deltas.
+
+The scheduler has already appended a step's tokens and applied the token-level limits (EOS,
+stop token ids, length); this module only turns tokens into text, and reports the request
+whose text reached one of its stop strings so the engine can finish it.
+"""
 
 from __future__ import annotations
 
+from kvstore.messages import RequestDelta, TokenLogprobs
 from workers.model.tokenizer import Tokenizer
-from workers.outputs import RequestDelta, TokenLogprobs
 from workers.request import Request, RequestStatus
 from workers.stop_checker import StopChecker
 
 
 class RequestOutputState:
-    """Text state of one request: its detokenizer and its stop-string checker."""
+    """Text state of one request: its detokenizer, its stop-string checker, tokens emitted."""
 
-    __slots__ = ("detokenizer", "stop_checker", "stop_token_ids", "check_eos")
+    __slots__ = ("detokenizer", "stop_checker", "num_emitted")
 
     def __init__(self, request: Request, tokenizer: Tokenizer) -> None:
         params = request.params
@@ -21,42 +26,49 @@ class RequestOutputState:
         self.stop_checker = (
             StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None
         )
-        self.stop_token_ids = set(params.stop_token_ids or ())
-        self.check_eos = not params.ignore_eos
+        self.num_emitted = 0
 
 
-def process_token(
+def make_delta(
     request: Request,
     state: RequestOutputState,
-    token_id: int,
-    eos_token_ids: frozenset[int],
-    logprobs: TokenLogprobs | None,
-) -> tuple[RequestDelta, RequestStatus | None]:
-    """Append one sampled token to the request; returns its delta and a finish status if any."""
-    request.token_ids.append(token_id)
-    status = None
-    if (state.check_eos and token_id in eos_token_ids) or token_id in state.stop_token_ids:
-        status = RequestStatus.FINISHED_STOPPED
-    elif request.num_output_tokens >= request.params.max_tokens:
-        status = RequestStatus.FINISHED_LENGTH
-    text = state.detokenizer.push(token_id)
-    if status is not None:
-        text += state.detokenizer.flush()  # bytes held back for a character that never came
-    if state.stop_checker is not None:
-        text, stopped = state.stop_checker.push(text)
+    token_ids: list[int],
+    logprobs: list[TokenLogprobs] | None,
+) -> tuple[RequestDelta, bool]:
+    """The delta for this step's new tokens, and whether a stop string ended the text there.
+
+    `request.status` tells whether the scheduler finished the request; a stop string inside
+    the tokens cuts them (and the text) at the token that completed it.
+    """
+    finished = request.status.finished
+    text_parts = []
+    stopped = False
+    for n, token_id in enumerate(token_ids, 1):
+        text = state.detokenizer.push(token_id)
+        last = n == len(token_ids)
+        if last and finished:
+            text += state.detokenizer.flush()  # bytes held back for a character that never came
+        if state.stop_checker is not None:
+            text, stopped = state.stop_checker.push(text)
+            if stopped:
+                token_ids = token_ids[:n]
+                logprobs = logprobs[:n] if logprobs else logprobs
+            elif last and finished:
+                text += state.stop_checker.flush()
+        text_parts.append(text)
         if stopped:
-            status = RequestStatus.FINISHED_STOPPED
-        elif status is not None:
-            text += state.stop_checker.flush()
+            break
+    state.num_emitted += len(token_ids)
+    reason = RequestStatus.FINISHED_STOPPED.value if stopped else request.status.value
     delta = RequestDelta(
         request_id=request.request_id,
-        new_token_ids=[token_id],
-        new_text=text,
-        finished=status is not None,
-        finish_reason=status.value if status is not None else None,
-        new_logprobs=[logprobs] if logprobs is not None else None,
+        new_token_ids=token_ids,
+        new_text="".join(text_parts),
+        finished=finished or stopped,
+        finish_reason=reason if finished or stopped else None,
+        new_logprobs=logprobs,
         num_prompt_tokens=request.num_prompt_tokens,
-        num_output_tokens=request.num_output_tokens,
+        num_output_tokens=state.num_emitted,
         num_cached_tokens=request.num_cached_tokens,
     )
-    return delta, status
+    return delta, stopped

@@ -1,13 +1,15 @@
-"""A request inside one worker: its tokens, how far its KV is computed, and its status."""
+"""A request inside one worker: its tokens, their block hashes, how far its KV is computed, and
+its status. Only the scheduler changes a request (through these fields and `append_token_ids`)."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
-from workers.sampling_params import SamplingParams
+from kvstore.hashing import extend_block_hashes
+from kvstore.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -37,11 +39,30 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_preemptions: int = 0
-    spec_k: int = 0  # draft tokens to verify in the next step (set by speculative decoding)
+    # Chained hashes of every full block of token_ids (kvstore.hashing), grown as tokens are
+    # appended: the prefix cache, KV sharing and the draft model read them, never rehash.
+    block_hashes: list[int] = field(default_factory=list)
+    block_size: int = 16
+    hash_key: bytes = b""  # the model's identity, part of every block hash
+    eos_token_ids: InitVar[frozenset[int]] = frozenset()
+    # Tokens that end the request when sampled: EOS (unless ignore_eos) and stop_token_ids.
+    stop_token_ids: frozenset[int] = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, eos_token_ids: frozenset[int]) -> None:
+        stop = frozenset(self.params.stop_token_ids or ())
+        self.stop_token_ids = stop if self.params.ignore_eos else stop | eos_token_ids
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if len(self.block_hashes) > len(self.token_ids) // self.block_size:
+            raise ValueError(
+                f"{len(self.block_hashes)} block hashes for {len(self.token_ids)} tokens "
+                f"in blocks of {self.block_size}"
+            )
+        extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
+
+    def append_token_ids(self, token_ids: list[int]) -> None:
+        self.token_ids.extend(token_ids)
+        extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -16,7 +16,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
-from workers.sampling_params import SamplingParams
+from kvstore.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
 # How many of the most likely tokens to search for the top-p cut before sorting everything.

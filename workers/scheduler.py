@@ -1,10 +1,13 @@
-"""Continuous batching: every step, one batch of running decodes plus chunks of new prompts.
+"""Continuous batching, and the one owner of every request's lifecycle.
 
-Each step fills a token budget (from the batching policy): running requests first, in priority
-order (their next token, or the next chunk of an unfinished prefill), then waiting requests,
-whose prompts are matched against the prefix cache and prefilled in chunks. When the KV pool
-runs dry, the lowest-priority running request (the most recently admitted under FCFS) is
-preempted: its blocks are freed and it is recomputed later, which never changes its output.
+`schedule()` fills each step's token budget (from the batching policy): running requests first,
+in priority order (their next token plus room for speculative drafts, or the next chunk of an
+unfinished prefill), then waiting requests, whose prompts are matched against the prefix cache
+and prefilled in chunks. When the KV pool runs dry, the lowest-priority running request (the
+most recently admitted under FCFS) is preempted: its blocks are freed and it is recomputed
+later, which never changes its output. `update_from_output()` takes what the step produced:
+it appends tokens, applies EOS / length / stop-token limits, commits the computed KV to the
+prefix cache (dropping rejected drafts' slots) and frees the blocks of finished requests.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from workers.batching_policy import BatchingPolicy, FixedBatchingPolicy, QueueSnapshot
@@ -43,13 +47,26 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class SchedulerOutput:
+    """One step's work. Request i computes `num_scheduled_tokens[i]` tokens from its
+    `num_computed_tokens`; a decoding request also has `num_draft_slots[i]` KV slots reserved
+    for speculative drafts, which `set_drafts` fills in before the forward pass."""
+
     requests: list[Request] = field(default_factory=list)
     num_scheduled_tokens: list[int] = field(default_factory=list)
+    num_draft_slots: list[int] = field(default_factory=list)
+    draft_token_ids: dict[int, list[int]] = field(default_factory=dict)  # index -> drafts
     preempted: list[Request] = field(default_factory=list)
 
     @property
     def total_tokens(self) -> int:
         return sum(self.num_scheduled_tokens)
+
+    def set_drafts(self, index: int, token_ids: list[int]) -> None:
+        """Request `index` verifies these drafts after its last token (at most its slots)."""
+        if not 0 < len(token_ids) <= self.num_draft_slots[index]:
+            raise ValueError(f"{len(token_ids)} drafts for {self.num_draft_slots[index]} slots")
+        self.draft_token_ids[index] = token_ids
+        self.num_scheduled_tokens[index] = 1 + len(token_ids)
 
     def __bool__(self) -> bool:
         return bool(self.requests)
@@ -68,7 +85,7 @@ class Scheduler:
             config.max_num_batched_tokens, config.max_num_seqs
         )
         self.running: list[Request] = []  # kept sorted by Request.sort_key
-        self._waiting: list[tuple[tuple[int, int], Request]] = []  # heap; aborted ones skipped
+        self._waiting: list[tuple[tuple[int, int], Request]] = []  # heap; finished ones skipped
         self._requests: dict[str, Request] = {}
         self._num_waiting = 0
         self._waiting_tokens = 0
@@ -76,6 +93,7 @@ class Scheduler:
         self._last_arrival = time.monotonic()
         self._arrival_rate = 0.0
         self.num_preemptions = 0
+        self.num_deferred = 0  # admissions put off a step to reuse a prefix computed in it
 
     # -- queue -----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -84,6 +102,11 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         if request.num_prompt_tokens == 0:
             raise ValueError("the prompt is empty")
+        if request.block_size != self.kv.block_size:
+            raise ValueError(
+                f"the request hashes blocks of {request.block_size} tokens, the KV cache holds "
+                f"blocks of {self.kv.block_size}"
+            )
         if request.max_total_tokens > self.config.max_model_len:
             raise ValueError(
                 f"prompt ({request.num_prompt_tokens} tokens) + max_tokens "
@@ -114,6 +137,7 @@ class Scheduler:
         return request
 
     def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request (stopped, out of length, aborted) and free its blocks."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
@@ -138,7 +162,9 @@ class Scheduler:
         return self._requests.get(request_id)
 
     # -- one step ---------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, draft_slots: Mapping[str, int] | None = None) -> SchedulerOutput:
+        """The next step's batch; `draft_slots` gives decoding requests room for that many
+        speculative drafts (request id -> k)."""
         limits = self.policy.limits(
             QueueSnapshot(
                 num_running=len(self.running),
@@ -148,36 +174,105 @@ class Scheduler:
                 num_free_blocks=self.kv.num_free_blocks,
             )
         )
-        budget = limits.max_num_batched_tokens
         out = SchedulerOutput()
+        computing: set[int] = set()  # hashes of the full blocks this step computes
+        budget = limits.max_num_batched_tokens
+        budget = self._schedule_running(out, budget, draft_slots or {}, computing)
+        # Admitting new work right after preempting would only thrash the pool.
+        if not out.preempted and budget > 0:
+            self._schedule_waiting(out, budget, limits.max_num_seqs, computing)
+        return out
 
+    def update_from_output(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[Request]:
+        """Apply a step's results; returns the requests it finished (their blocks freed).
+
+        `sampled[i]` holds request i's new tokens: none mid-prefill, one from plain sampling,
+        the accepted drafts plus one after verification. Tokens are appended up to the first
+        that ends the request (EOS or a stop token id, or the length limit) and `sampled[i]` is
+        cut to the tokens kept. KV is valid for everything computed except rejected drafts; it
+        is committed (full blocks cached) before a finished request gives its blocks back.
+        """
+        finished = []
+        for i, request in enumerate(out.requests):
+            tokens = sampled[i]
+            drafts = out.draft_token_ids.get(i)
+            # After verification, KV holds the last known token and the accepted drafts.
+            num_new = len(tokens) if drafts else out.num_scheduled_tokens[i]
+            status = self._append(request, tokens) if tokens else None
+            # Capped by the tokens known: a request that stopped inside a run of accepted
+            # drafts keeps only the tokens up to its stop.
+            request.num_computed_tokens = min(
+                request.num_computed_tokens + num_new, request.num_tokens
+            )
+            rid = request.request_id
+            self.kv.commit(
+                rid, request.token_ids, request.num_computed_tokens, request.block_hashes
+            )
+            if drafts:
+                self.kv.truncate(rid, request.num_computed_tokens)
+            if status is not None:
+                self.finish(request, status)
+                finished.append(request)
+        return finished
+
+    # -- internals --------------------------------------------------------------------------
+    def _schedule_running(
+        self,
+        out: SchedulerOutput,
+        budget: int,
+        draft_slots: Mapping[str, int],
+        computing: set[int],
+    ) -> int:
+        """Schedule running requests in priority order, preempting from the back when the
+        pool runs dry; returns the budget left. Adds the prefill chunks' full blocks to
+        `computing`."""
+        size = self.kv.block_size
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = request.num_tokens - request.num_computed_tokens
-            if num_new == 1:  # decoding: room for the drafts to verify as well
-                num_new += request.spec_k
+            slots = draft_slots.get(request.request_id, 0) if num_new == 1 else 0
             num_new = min(num_new, budget)
-            total = request.num_computed_tokens + num_new
+            slots = min(slots, budget - num_new)
+            total = request.num_computed_tokens + num_new + slots
             while not self.kv.allocate_slots(request.request_id, total):
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
-                    break
-            if request.status is not RequestStatus.RUNNING:
-                break
+                    return budget
             out.requests.append(request)
             out.num_scheduled_tokens.append(num_new)
-            budget -= num_new
+            out.num_draft_slots.append(slots)
+            budget -= num_new + slots
             index += 1
+            if num_new > 1:
+                start = request.num_computed_tokens
+                computing.update(request.block_hashes[start // size : (start + num_new) // size])
+        return budget
 
-        # Admitting new work right after preempting would only thrash the pool.
-        while not out.preempted and budget > 0 and len(self.running) < limits.max_num_seqs:
+    def _schedule_waiting(
+        self, out: SchedulerOutput, budget: int, max_num_seqs: int, computing: set[int]
+    ) -> None:
+        """Admit waiting requests while budget, sequences and blocks last.
+
+        A request whose next uncached block is being computed in this very step (its hash is
+        in `computing`) waits one step instead, and then finds that block in the cache: a
+        burst of prompts sharing a system prompt computes the prefix once, not once each.
+        """
+        deferred: list[Request] = []
+        caching = self.kv.pool.enable_caching
+        while budget > 0 and len(self.running) < max_num_seqs:
             request = self._peek_waiting()
             if request is None:
                 break
-            match = self.kv.match_prefix(request.token_ids)
+            match = self.kv.match_prefix(request.token_ids, request.block_hashes)
+            num_matched = len(match.blocks)
+            if caching and num_matched < len(request.block_hashes):
+                if request.block_hashes[num_matched] in computing:
+                    deferred.append(self._pop_waiting())
+                    self.num_deferred += 1
+                    continue
             num_new = request.num_tokens - match.num_cached_tokens
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
@@ -194,32 +289,33 @@ class Scheduler:
             bisect.insort(self.running, request, key=Request.sort_key)
             out.requests.append(request)
             out.num_scheduled_tokens.append(num_new)
+            out.num_draft_slots.append(0)
             budget -= num_new
-        return out
+            computing.update(request.block_hashes[num_matched : total // self.kv.block_size])
+        for request in deferred:
+            self._push_waiting(request)
 
-    def update_after_step(
-        self, out: SchedulerOutput, num_computed: list[int] | None = None
-    ) -> None:
-        """Record how many tokens' KV the step wrote per request (default: all scheduled; fewer
-        when speculative drafts were rejected) and cache blocks that are now full. Called after
-        the step's new tokens are appended; finished requests are skipped."""
-        advances = num_computed or out.num_scheduled_tokens
-        for request, num_new in zip(out.requests, advances):
-            if request.status.finished:
+    def _append(self, request: Request, tokens: list[int]) -> RequestStatus | None:
+        """Append tokens up to the first that ends the request; cuts `tokens` to those."""
+        room = request.params.max_tokens - request.num_output_tokens
+        stop_ids = request.stop_token_ids
+        status = None
+        for n, token in enumerate(tokens, 1):
+            if token in stop_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif n >= room:
+                status = RequestStatus.FINISHED_LENGTH
+            else:
                 continue
-            # Capped by the tokens known: a request that stopped inside a run of accepted drafts
-            # kept only the tokens up to its stop.
-            request.num_computed_tokens = min(
-                request.num_computed_tokens + num_new, request.num_tokens
-            )
-            self.kv.commit(request.request_id, request.token_ids, request.num_computed_tokens)
+            del tokens[n:]
+            break
+        request.append_token_ids(tokens)
+        return status
 
-    # -- internals --------------------------------------------------------------------------
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.kv.free(request.request_id)
         request.num_computed_tokens = 0
-        request.spec_k = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._push_waiting(request)
@@ -228,7 +324,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         heapq.heappush(self._waiting, (request.sort_key(), request))
         self._num_waiting += 1
-        self._waiting_tokens += request.num_tokens
+        self._waiting_tokens += request.num_tokens - request.num_computed_tokens
 
     def _peek_waiting(self) -> Request | None:
         while self._waiting:
@@ -241,5 +337,5 @@ class Scheduler:
     def _pop_waiting(self) -> Request:
         _, request = heapq.heappop(self._waiting)
         self._num_waiting -= 1
-        self._waiting_tokens -= request.num_tokens
+        self._waiting_tokens -= request.num_tokens - request.num_computed_tokens
         return request

@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from cluster.app import build_app
-from cluster.config import ClusterConfig, EngineSettings
+from cluster.config import ClusterConfig
 from kvstore.index_actor import kill_index_actor
 from tests.redis_server import RedisServer, free_port
 
@@ -55,7 +55,7 @@ def served(request, ray_cluster, tiny_model) -> Iterator[Served]:
         max_ongoing_requests=6,
         max_queued_requests=6,
         publish_interval_s=0.1,
-        engine=EngineSettings(
+        engine=dict(
             num_blocks=96,
             max_num_seqs=8,
             max_num_batched_tokens=256,

@@ -26,6 +26,11 @@ PRESETS: dict[str, dict[str, int]] = {
         hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=4096,
     ),
+    # Llama-shaped, head_dim 64 (vLLM-CPU's attention needs >= 32): the peer comparison model.
+    "compare": dict(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=8192, max_position_embeddings=4096,
+    ),
     "bench": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=4, vocab_size=8192, max_position_embeddings=4096,

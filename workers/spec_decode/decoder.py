@@ -1,16 +1,23 @@
 """Speculative decoding inside the engine's step: choose k, propose, verify, roll back.
 
-The engine asks `plan` before scheduling (so the scheduler reserves k extra slots for each
-decoding request), `propose` after it, and `verify` after the target's forward pass, which
+The engine asks `plan` before scheduling (request id -> k, so the scheduler reserves k draft
+slots for each decoding request and carries k in its output), `prepare` after it (drafts are
+proposed and set on the scheduler output), and `verify` after the target's forward pass, which
 scored every draft plus one more position per request in the same batch as everyone else.
+After the scheduler has kept what verification accepted, `update` rolls the draft model's own
+KV back to match; `forget` drops a finished or preempted request.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from workers.batching_policy import StepTimeModel
 from workers.request import Request
 from workers.sampler import SamplingBatch, probs_from_logits
+from workers.scheduler import SchedulerOutput
 from workers.spec_decode.config import SpeculativeConfig
 from workers.spec_decode.draft import DraftModelProposer
 from workers.spec_decode.ngram import NgramProposer
@@ -19,97 +26,109 @@ from workers.spec_decode.rejection import verify_greedy, verify_sampled
 
 
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, draft: DraftModelProposer | None) -> None:
+    def __init__(
+        self,
+        config: SpeculativeConfig,
+        draft: DraftModelProposer | None,
+        step_time: StepTimeModel,
+    ) -> None:
         self.config = config
         self.draft = draft
+        self.step_time = step_time
         self.ngram = (
             NgramProposer(config.ngram_max, config.ngram_min) if config.method == "ngram" else None
         )
         fixed = None if config.adaptive else int(config.num_speculative_tokens)
         self.policy = SpeculationPolicy(fixed, config.max_speculative_tokens)
+        self._draft_probs: dict[int, torch.Tensor | None] = {}  # this step's, by batch index
+        self._k: dict[str, int] = {}  # k asked for per request this step
+        self._prepare_started = 0.0
 
-    def plan(self, running: list[Request], overhead_s: float, per_token_s: float) -> None:
-        """Set `spec_k` on every running request: k for those decoding, 0 for the rest."""
-        decoding = []
-        for r in running:
-            r.spec_k = 0
-            # Requests that want logprobs are not speculated (their per-token logprobs would
-            # have to be recomputed); nor are the last tokens of a request.
-            if r.num_tokens - r.num_computed_tokens == 1 and r.params.logprobs is None:
-                decoding.append(r)
+    def plan(self, running: list[Request]) -> dict[str, int]:
+        """Draft slots for this step: k for each decoding request (none for requests that want
+        logprobs, whose per-token logprobs would have to be recomputed, nor for a request's
+        last token)."""
+        decoding = [
+            r
+            for r in running
+            if r.num_tokens - r.num_computed_tokens == 1 and r.params.logprobs is None
+        ]
         draft_s = catch_up_s = 0.0
         if self.draft is not None:
             draft_s = self.draft.step_seconds
             catch_up_s = self.draft.catch_up_seconds(decoding)
         k = self.policy.choose(
-            [r.request_id for r in decoding], overhead_s, per_token_s, draft_s, catch_up_s
+            [r.request_id for r in decoding],
+            self.step_time.overhead,
+            self.step_time.per_token,
+            draft_s,
+            catch_up_s,
         )
-        for r in decoding:
-            r.spec_k = max(0, min(k, r.params.max_tokens - r.num_output_tokens - 1))
+        self._k = {
+            r.request_id: max(0, min(k, r.params.max_tokens - r.num_output_tokens - 1))
+            for r in decoding
+        }
+        return {rid: k for rid, k in self._k.items() if k}
 
-    def propose(self, requests: list[Request], ks: list[int]) -> list[tuple[list[int], object]]:
-        """Draft tokens (at most ks[i]) and draft distributions (None: deterministic/greedy)."""
-        if not requests:
-            return []
-        if self.ngram is not None:
-            return [(self.ngram.propose(r.token_ids, k), None) for r, k in zip(requests, ks)]
-        proposals = self.draft.propose(requests, max(ks))
-        return [(tokens[:k], None if q is None else q[:k]) for (tokens, q), k in zip(proposals, ks)]
+    def prepare(self, out: SchedulerOutput) -> float:
+        """Propose drafts for the scheduled requests that have draft slots and set them on
+        `out`; returns the seconds spent proposing."""
+        started = self._prepare_started = time.perf_counter()
+        self._draft_probs = {}
+        room = [i for i, slots in enumerate(out.num_draft_slots) if slots]
+        if not room:
+            return 0.0
+        requests = [out.requests[i] for i in room]
+        proposals = self._propose(requests, [out.num_draft_slots[i] for i in room])
+        for i, request, (tokens, q) in zip(room, requests, proposals):
+            if tokens:
+                out.set_drafts(i, tokens)
+                self._draft_probs[i] = q
+            else:  # no n-gram match, or the draft pool is full: speculating bought nothing
+                self.policy.observe(request.request_id, self._k.get(request.request_id, 0), 0, 0)
+        return time.perf_counter() - started
 
     def verify(
-        self,
-        requests: list[Request],
-        drafts: list[list[int]],
-        draft_probs: list,
-        logits: torch.Tensor,  # [sum(len(d) + 1), V]: each request's scored positions in order
-    ) -> list[list[int]]:
-        """Tokens each request emits: its accepted drafts plus one from the target."""
-        emitted: list[list[int]] = [[] for _ in requests]
-        greedy = [i for i, r in enumerate(requests) if r.params.greedy]
-        sampled = [i for i, r in enumerate(requests) if not r.params.greedy]
-        starts, offset = [], 0
-        for d in drafts:
-            starts.append(offset)
-            offset += len(d) + 1
-        for group, fn in ((greedy, self._greedy), (sampled, self._sampled)):
-            if group:
-                rows = torch.cat(
-                    [torch.arange(starts[i], starts[i] + len(drafts[i]) + 1) for i in group]
-                )
-                for i, out in zip(
-                    group,
-                    fn(
-                        [requests[i] for i in group],
-                        [drafts[i] for i in group],
-                        [draft_probs[i] for i in group],
-                        logits[rows],
-                    ),
-                ):
-                    emitted[i] = out
-        for r, d, out in zip(requests, drafts, emitted):
-            self.policy.observe(r.request_id, r.spec_k, len(d), len(out) - 1)
+        self, out: SchedulerOutput, logits: torch.Tensor, row_starts: list[int]
+    ) -> dict[int, list[int]]:
+        """Tokens each verified request emits (its accepted drafts plus one from the target),
+        by batch index; `logits` rows from `row_starts[i]` score request i's drafts."""
+        emitted: dict[int, list[int]] = {}
+        indices = sorted(out.draft_token_ids)
+        for greedy in (True, False):
+            group = [i for i in indices if out.requests[i].params.greedy == greedy]
+            if not group:
+                continue
+            drafts = [out.draft_token_ids[i] for i in group]
+            rows = torch.cat(
+                [
+                    torch.arange(row_starts[i], row_starts[i] + len(d) + 1)
+                    for i, d in zip(group, drafts)
+                ]
+            )
+            requests = [out.requests[i] for i in group]
+            if greedy:
+                outs = verify_greedy(logits[rows], drafts)
+            else:
+                outs = self._verify_sampled(requests, drafts, group, logits[rows])
+            for i, request, draft, tokens in zip(group, requests, drafts, outs):
+                emitted[i] = tokens
+                rid = request.request_id
+                self.policy.observe(rid, self._k.get(rid, 0), len(draft), len(tokens) - 1)
         return emitted
 
-    def observe_empty(self, requests: list[Request]) -> None:
-        """Requests that had room for drafts but got none (no n-gram match, draft pool full)."""
-        for r in requests:
-            self.policy.observe(r.request_id, r.spec_k, 0, 0)
-
-    def _greedy(self, requests, drafts, draft_probs, logits):
-        return verify_greedy(logits, drafts)
-
-    def _sampled(self, requests, drafts, draft_probs, logits):
-        params, generators = [], []
-        for r, d in zip(requests, drafts):
-            params += [r.params] * (len(d) + 1)
-            generators += [r.generator] * (len(d) + 1)
-        batch = SamplingBatch.from_params(params, generators, logits.shape[-1], logits.device)
-        target = probs_from_logits(logits, batch)
-        return verify_sampled(target, drafts, draft_probs, [r.generator for r in requests])
-
-    def sync(self, request: Request) -> None:
+    def update(self, out: SchedulerOutput) -> None:
+        """After the scheduler's update: the draft model's KV rolls back to the tokens the
+        target kept, and the whole speculative step's time (proposing included) feeds the
+        policy's cost correction."""
+        if not out.draft_token_ids:
+            return
         if self.draft is not None:
-            self.draft.sync(request)
+            for i in out.draft_token_ids:
+                request = out.requests[i]
+                if not request.status.finished:
+                    self.draft.sync(request)
+        self.policy.observe_step_time(time.perf_counter() - self._prepare_started)
 
     def forget(self, request_id: str) -> None:
         self.policy.forget(request_id)
@@ -118,3 +137,20 @@ class SpecDecoder:
 
     def stats(self) -> dict[str, float]:
         return self.policy.stats()
+
+    def _propose(self, requests: list[Request], ks: list[int]) -> list[tuple[list[int], object]]:
+        """Draft tokens (at most ks[i]) and draft distributions (None: deterministic/greedy)."""
+        if self.ngram is not None:
+            return [(self.ngram.propose(r.token_ids, k), None) for r, k in zip(requests, ks)]
+        proposals = self.draft.propose(requests, max(ks))
+        return [(tokens[:k], None if q is None else q[:k]) for (tokens, q), k in zip(proposals, ks)]
+
+    def _verify_sampled(self, requests, drafts, group, logits):
+        params, generators = [], []
+        for r, d in zip(requests, drafts):
+            params += [r.params] * (len(d) + 1)
+            generators += [r.generator] * (len(d) + 1)
+        batch = SamplingBatch.from_params(params, generators, logits.shape[-1], logits.device)
+        target = probs_from_logits(logits, batch)
+        draft_probs = [self._draft_probs.get(i) for i in group]
+        return verify_sampled(target, drafts, draft_probs, [r.generator for r in requests])

@@ -37,7 +37,6 @@ class DraftModelProposer:
         num_blocks: int,
         max_num_seqs: int,
         max_model_len: int,
-        hash_key: bytes,
         target_vocab_size: int,
     ) -> None:
         self.model = load_model(model_dir, dtype=dtype, device=device)
@@ -48,11 +47,12 @@ class DraftModelProposer:
                 f"({target_vocab_size}): a draft must share the target's tokenizer"
             )
         self.kv_caches = allocate_kv_cache(config, num_blocks, block_size, dtype, device)
-        self.kv = KVCacheManager(BlockPool(num_blocks), block_size, extra_key=b"draft:" + hash_key)
+        # Its own pool, so the target's block hashes (Request.block_hashes) key it as well.
+        self.kv = KVCacheManager(BlockPool(num_blocks), block_size)
         self.runner = ModelRunner(
             self.model,
             self.kv_caches,
-            block_size,
+            self.kv,
             max(CATCH_UP_TOKENS, max_num_seqs * (FOLD_TOKENS + 1)),
             max_num_seqs,
             max_model_len,
@@ -82,20 +82,16 @@ class DraftModelProposer:
             )  # the draft's own prefill is not a per-draft cost
         drafts: dict[str, list[int]] = {r.request_id: [] for r in live}
         probs: dict[str, list[torch.Tensor]] = {r.request_id: [] for r in live}
+        ids = [r.request_id for r in live]
         for step in range(k):
             if step == 0:  # whatever the request is behind, plus its last token
-                computed = [self._computed[r.request_id] for r in live]
-                counts = [r.num_tokens - c for r, c in zip(live, computed)]
+                starts = [self._computed[rid] for rid in ids]
+                new = [r.token_ids[start:] for r, start in zip(live, starts)]
             else:
-                computed = [r.num_tokens - 1 + step for r in live]
-                counts = [1] * len(live)
-            logits = self.runner.execute(
-                [r.token_ids + drafts[r.request_id] for r in live],
-                computed,
-                counts,
-                [self.kv.block_table(r.request_id) for r in live],
-                [[n - 1] for n in counts],
-            )
+                starts = [r.num_tokens - 1 + step for r in live]
+                new = [drafts[rid][-1:] for rid in ids]
+            inputs = self.runner.prepare_inputs(ids, new, starts, [1] * len(live))
+            logits = self.runner.execute(inputs)
             tokens, rows = self._sample(live, logits)
             for r, token, row in zip(live, tokens, rows):
                 drafts[r.request_id].append(token)
@@ -122,19 +118,20 @@ class DraftModelProposer:
             return
         valid = min(self._computed[rid], request.num_computed_tokens)
         self._computed[rid] = valid
-        self.kv.commit(rid, request.token_ids, valid)
+        self.kv.commit(rid, request.token_ids, valid, request.block_hashes)
         self.kv.truncate(rid, valid)
 
     def forget(self, request_id: str) -> None:
         self._computed.pop(request_id, None)
         self.kv.free(request_id)
+        self.runner.release([request_id])
 
     # -- internals --------------------------------------------------------------------------
     def _reserve(self, request: Request, num_slots: int) -> bool:
         rid = request.request_id
         if rid in self._computed:
             return self.kv.allocate_slots(rid, num_slots)
-        match = self.kv.match_prefix(request.token_ids)
+        match = self.kv.match_prefix(request.token_ids, request.block_hashes)
         if not self.kv.allocate_slots(rid, num_slots, prefix=match):
             return False
         self._computed[rid] = match.num_cached_tokens
@@ -153,13 +150,10 @@ class DraftModelProposer:
                     budget -= counts[-1]
             if not batch:
                 return
-            self.runner.execute(
-                [r.token_ids for r in batch],
-                [self._computed[r.request_id] for r in batch],
-                counts,
-                [self.kv.block_table(r.request_id) for r in batch],
-                [[] for _ in batch],
-            )
+            ids = [r.request_id for r in batch]
+            starts = [self._computed[rid] for rid in ids]
+            new = [r.token_ids[start : start + n] for r, start, n in zip(batch, starts, counts)]
+            self.runner.execute(self.runner.prepare_inputs(ids, new, starts, [0] * len(batch)))
             for r, n in zip(batch, counts):
                 self._computed[r.request_id] += n
 

@@ -1,4 +1,5 @@
-"""Per-request sampling settings, validated once when the request arrives."""
+"""Per-request sampling settings, validated once where the request arrives (the router or the
+offline API) and carried typed across the router/worker boundary."""
 
 from __future__ import annotations
 
