@@ -1,9 +1,11 @@
-"""The reference attention backend in plain PyTorch: correct for any mix of prefill and decode.
+"""The torch attention backend: correct for any mix of prefill and decode, on any device.
 
-Sequences with few query tokens (decode, speculative verification) are attended in one batched
-call over their gathered blocks, queries padded to the longest; sequences with many (prefill,
-chunked prefill) are attended one by one with an explicit causal mask offset by their cached
-context. This is the CPU path and the oracle the GPU kernels are tested against.
+On the CPU in float32 the whole flat batch is attended in one call of the paged kernel
+(workers/attention/cpu_kernels.py), which reads K/V from the block pool in place. Elsewhere,
+or with `native_kernel=False` (the pure-torch reference that other kernels are tested
+against): sequences with few query tokens (decode, speculative verification) are attended in
+one batched call over their gathered blocks, queries padded to the longest; sequences with
+many (prefill, chunked prefill) one by one with a causal mask offset by their cached context.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from workers.attention import cpu_kernels
 from workers.attention.base import AttentionBackend, AttentionMetadata
 
 # Sequences with at most this many query tokens take the batched path.
@@ -77,10 +80,20 @@ def _make_plan(meta: AttentionMetadata, window: int | None) -> _Plan:
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, native_kernel: bool = True) -> None:
+        self.native_kernel = native_kernel
         # Gather buffers reused across layers and steps: a fresh multi-megabyte tensor per
         # layer would be page-faulted in anew each time, which costs more than the copy.
         self._scratch: dict[str, torch.Tensor] = {}
+
+    def _use_kernel(self, query: torch.Tensor) -> bool:
+        """The CPU kernel serves float32 CPU tensors once it is built on this machine."""
+        return (
+            self.native_kernel
+            and query.device.type == "cpu"
+            and query.dtype == torch.float32
+            and cpu_kernels.available()
+        )
 
     def _gather(self, name: str, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """The blocks listed in `tables`, copied out in order (index_select over whole
@@ -97,20 +110,33 @@ class TorchAttentionBackend(AttentionBackend):
         return out
 
     def forward(self, query, key, value, kv_cache, meta, scale, sliding_window=None):
-        plans = meta.plan if isinstance(meta.plan, dict) else {}
-        if sliding_window not in plans:
-            plans[sliding_window] = _make_plan(meta, sliding_window)
-            meta.plan = plans
-        plan: _Plan = plans[sliding_window]
-
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         num_kv_heads, head_dim = key.shape[1], key.shape[2]
         flat_k = key_cache.view(-1, num_kv_heads, head_dim)
         flat_v = value_cache.view(-1, num_kv_heads, head_dim)
         flat_k.index_copy_(0, meta.slot_mapping, key)
         flat_v.index_copy_(0, meta.slot_mapping, value)
-
         out = torch.empty_like(query)
+        if self._use_kernel(query):
+            cpu_kernels.paged_attention(
+                query,
+                key_cache,
+                value_cache,
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.seq_lens,
+                torch.arange(meta.num_seqs),
+                out,
+                scale,
+                sliding_window,
+            )
+            return out.view(query.shape[0], -1)
+
+        plans = meta.plan if isinstance(meta.plan, dict) else {}
+        if sliding_window not in plans:
+            plans[sliding_window] = _make_plan(meta, sliding_window)
+            meta.plan = plans
+        plan: _Plan = plans[sliding_window]
         if plan.batch_tokens is not None:
             batch = plan.batch_tables.shape[0]
             k = self._gather("k", key_cache, plan.batch_tables)

@@ -1,0 +1,172 @@
+/* Paged attention on the CPU, float32: each query token attends to its sequence's context,
+ * read in place from the KV block pool through the block table (no gathered copy).
+ *
+ * The batch is flat: sequence s owns query rows [query_start[s], query_start[s+1]), the last
+ * tokens of its context of seq_lens[s] tokens (causal, with an optional sliding window).
+ * Work is split into (sequence, KV head, tile of query tokens) items shared out by OpenMP; an
+ * item streams its context once, a KV block at a time, for all the query heads of its KV head
+ * (grouped-query attention), with an online softmax. Dot products, the exponentials (a
+ * polynomial, so the compiler can vectorise them) and the weighted sums of values all run
+ * over contiguous float32 rows.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QUERY_TILE 16 /* query tokens per work item */
+
+/* exp(x) for x <= 0 (scores minus their running maximum), to within 2 ulp of expf:
+ * x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n by
+ * building the exponent bits; n is rounded by the 1.5 * 2^23 trick, which vectorises where
+ * rintf may not. Results below FLT_MIN flush to 0. */
+static inline float exp_nonpositive(float x) {
+    if (x < -87.0f) return 0.0f;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
+    return p * scale.f;
+}
+
+typedef struct {
+    int64_t q_stride_t, q_stride_h, out_stride_t, out_stride_h;
+    int64_t group, num_kv_heads, head_dim, block_size, window;
+    float scale;
+} Shape;
+
+static void attend_tile(
+    const Shape *sh, const float *q, const float *k_cache, const float *v_cache,
+    const int64_t *table, int64_t first_q, int64_t num_q, int64_t first_pos,
+    int64_t context_len, float *out, int64_t kv_head, float *scratch)
+{
+    const int64_t group = sh->group, head_dim = sh->head_dim, bs = sh->block_size;
+    const int64_t rows = num_q * group, window = sh->window;
+    float *m = scratch, *l = m + rows, *acc = l + rows;
+    float *qs = acc + rows * head_dim; /* [rows, head_dim] the scaled queries */
+    float *scores = qs + rows * head_dim; /* [bs] */
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t i = r / group, g = r % group;
+        const float *src = q + (first_q + i) * sh->q_stride_t + (kv_head * group + g) * sh->q_stride_h;
+        for (int64_t d = 0; d < head_dim; d++) qs[r * head_dim + d] = src[d] * sh->scale;
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * rows * head_dim);
+    const int64_t token_stride = sh->num_kv_heads * head_dim;
+    const int64_t last_pos = first_pos + num_q - 1; /* the tile sees keys up to here */
+    int64_t lo = 0;
+    if (window > 0) { lo = first_pos - window + 1; if (lo < 0) lo = 0; }
+    for (int64_t start = lo - lo % bs; start <= last_pos; start += bs) {
+        const int64_t block = table[start / bs];
+        const float *kb = k_cache + (block * bs) * token_stride + kv_head * head_dim;
+        const float *vb = v_cache + (block * bs) * token_stride + kv_head * head_dim;
+        int64_t count = context_len - start;
+        if (count > bs) count = bs;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t pos = first_pos + r / group;
+            int64_t j_lo = 0, j_hi = pos - start + 1; /* keys [j_lo, j_hi) are visible */
+            if (j_hi > count) j_hi = count;
+            if (window > 0 && pos - window + 1 > start) j_lo = pos - window + 1 - start;
+            if (j_hi <= j_lo) continue;
+            const float *qr = qs + r * head_dim;
+            for (int64_t j = j_lo; j < j_hi; j++) {
+                const float *kj = kb + j * token_stride;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * kj[d];
+                scores[j] = dot;
+            }
+            float block_max = -INFINITY;
+            for (int64_t j = j_lo; j < j_hi; j++)
+                block_max = scores[j] > block_max ? scores[j] : block_max;
+            const float m_new = block_max > m[r] ? block_max : m[r];
+            const float rescale = exp_nonpositive(m[r] - m_new);
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = j_lo; j < j_hi; j++) {
+                scores[j] = exp_nonpositive(scores[j] - m_new);
+                sum += scores[j];
+            }
+            float *a = acc + r * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; d++) a[d] *= rescale;
+            for (int64_t j = j_lo; j < j_hi; j++) {
+                const float p = scores[j];
+                const float *vv = vb + j * token_stride;
+#pragma omp simd
+                for (int64_t d = 0; d < head_dim; d++) a[d] += p * vv[d];
+            }
+            l[r] = l[r] * rescale + sum;
+            m[r] = m_new;
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t i = r / group, g = r % group;
+        float *o = out + (first_q + i) * sh->out_stride_t + (kv_head * group + g) * sh->out_stride_h;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int64_t d = 0; d < head_dim; d++) o[d] = acc[r * head_dim + d] * inv;
+    }
+}
+
+/* Returns 0, or -1 if scratch memory could not be allocated. `seqs` lists which of the
+ * batch's sequences to compute (the others are left to another path); `num_threads` is
+ * torch's intra-op thread count, which OpenMP does not see from every calling thread. */
+int manta_paged_attention_f32(
+    const float *q, int64_t q_stride_t, int64_t q_stride_h,
+    const float *k_cache, const float *v_cache,
+    const int64_t *block_tables, int64_t table_stride,
+    const int64_t *query_start, const int64_t *seq_lens,
+    const int64_t *seqs, int64_t num_seqs,
+    float *out, int64_t out_stride_t, int64_t out_stride_h,
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+    float scale, int64_t window, int64_t num_threads)
+{
+    const Shape sh = {q_stride_t, q_stride_h, out_stride_t, out_stride_h,
+                      num_heads / num_kv_heads, num_kv_heads, head_dim, block_size,
+                      window, scale};
+    int64_t *tile_start = malloc(sizeof(int64_t) * (num_seqs + 1));
+    if (tile_start == NULL) return -1;
+    tile_start[0] = 0;
+    for (int64_t i = 0; i < num_seqs; i++) {
+        const int64_t s = seqs[i];
+        const int64_t num_q = query_start[s + 1] - query_start[s];
+        tile_start[i + 1] = tile_start[i] + (num_q + QUERY_TILE - 1) / QUERY_TILE;
+    }
+    const int64_t num_items = tile_start[num_seqs] * num_kv_heads;
+    const int64_t rows = QUERY_TILE * sh.group;
+    const size_t scratch_floats = rows * (2 + 2 * head_dim) + block_size;
+    int failed = 0;
+#pragma omp parallel num_threads(num_threads)
+    {
+        float *scratch = malloc(sizeof(float) * scratch_floats);
+        if (scratch == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < num_items; item++) {
+            if (scratch == NULL) continue;
+            const int64_t tile = item / num_kv_heads, kv_head = item % num_kv_heads;
+            int64_t i = 0; /* the sequence holding this tile (tiles are few: linear is fine) */
+            while (tile_start[i + 1] <= tile) i++;
+            const int64_t s = seqs[i];
+            const int64_t first_q = query_start[s] + (tile - tile_start[i]) * QUERY_TILE;
+            int64_t num_q = query_start[s + 1] - first_q;
+            if (num_q > QUERY_TILE) num_q = QUERY_TILE;
+            const int64_t len = seq_lens[s];
+            const int64_t first_pos = len - (query_start[s + 1] - first_q);
+            attend_tile(&sh, q, k_cache, v_cache, block_tables + s * table_stride, first_q,
+                        num_q, first_pos, len, out, kv_head, scratch);
+        }
+        free(scratch);
+    }
+    free(tile_start);
+    return failed ? -1 : 0;
+}
