@@ -137,19 +137,18 @@ class KVCacheManager:
                 f"num_computed_tokens={num_computed_tokens} must lie in "
                 f"[{state.num_computed_tokens}, {len(token_ids)}]"
             )
-        if num_computed_tokens > len(state.blocks) * self.block_size:
+        size = self.block_size
+        if num_computed_tokens > len(state.blocks) * size:
             raise ValueError(f"{num_computed_tokens} tokens exceed the allocated slots")
         state.num_computed_tokens = num_computed_tokens
-        size = self.block_size
         num_full = num_computed_tokens // size
-        if num_full == state.num_cached_blocks or not self.pool.enable_caching:
-            return
-        if len(block_hashes) < num_full:
-            raise ValueError(f"{len(block_hashes)} block hashes for {num_full} full blocks")
-        for index in range(state.num_cached_blocks, num_full):
-            chunk = token_ids[index * size : (index + 1) * size]
-            self.pool.cache_block(state.blocks[index], block_hashes[index], chunk)
-        state.num_cached_blocks = num_full
+        if num_full > state.num_cached_blocks and self.pool.enable_caching:
+            if len(block_hashes) < num_full:
+                raise ValueError(f"{len(block_hashes)} block hashes for {num_full} full blocks")
+            for index in range(state.num_cached_blocks, num_full):
+                chunk = token_ids[index * size : (index + 1) * size]
+                self.pool.cache_block(state.blocks[index], block_hashes[index], chunk)
+            state.num_cached_blocks = num_full
 
     def truncate(self, request_id: str, num_tokens: int) -> None:
         """Shrink the table to the blocks ``num_tokens`` slots need, freeing the rest.

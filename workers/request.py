@@ -62,7 +62,8 @@ class Request:
 
     def append_token_ids(self, token_ids: list[int]) -> None:
         self.token_ids.extend(token_ids)
-        extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
+        if len(self.token_ids) >= (len(self.block_hashes) + 1) * self.block_size:  # a block filled
+            extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -193,23 +193,21 @@ class Scheduler:
         is committed (full blocks cached) before a finished request gives its blocks back.
         """
         finished = []
+        kv, drafted = self.kv, out.draft_token_ids
         for i, request in enumerate(out.requests):
             tokens = sampled[i]
-            drafts = out.draft_token_ids.get(i)
+            drafts = drafted.get(i) if drafted else None
             # After verification, KV holds the last known token and the accepted drafts.
             num_new = len(tokens) if drafts else out.num_scheduled_tokens[i]
             status = self._append(request, tokens) if tokens else None
             # Capped by the tokens known: a request that stopped inside a run of accepted
             # drafts keeps only the tokens up to its stop.
-            request.num_computed_tokens = min(
-                request.num_computed_tokens + num_new, request.num_tokens
-            )
+            computed = min(request.num_computed_tokens + num_new, len(request.token_ids))
+            request.num_computed_tokens = computed
             rid = request.request_id
-            self.kv.commit(
-                rid, request.token_ids, request.num_computed_tokens, request.block_hashes
-            )
+            kv.commit(rid, request.token_ids, computed, request.block_hashes)
             if drafts:
-                self.kv.truncate(rid, request.num_computed_tokens)
+                kv.truncate(rid, computed)
             if status is not None:
                 self.finish(request, status)
                 finished.append(request)
@@ -227,16 +225,19 @@ class Scheduler:
         pool runs dry; returns the budget left. Adds the prefill chunks' full blocks to
         `computing`."""
         size = self.kv.block_size
+        running, allocate = self.running, self.kv.allocate_slots
         index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = request.num_tokens - request.num_computed_tokens
-            slots = draft_slots.get(request.request_id, 0) if num_new == 1 else 0
-            num_new = min(num_new, budget)
-            slots = min(slots, budget - num_new)
-            total = request.num_computed_tokens + num_new + slots
-            while not self.kv.allocate_slots(request.request_id, total):
-                victim = self.running[-1]
+        while index < len(running) and budget > 0:
+            request = running[index]
+            start = request.num_computed_tokens
+            num_new = len(request.token_ids) - start
+            slots = draft_slots.get(request.request_id, 0) if num_new == 1 and draft_slots else 0
+            if num_new > budget:
+                num_new = budget
+            if slots > budget - num_new:
+                slots = budget - num_new
+            while not allocate(request.request_id, start + num_new + slots):
+                victim = running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
@@ -247,7 +248,6 @@ class Scheduler:
             budget -= num_new + slots
             index += 1
             if num_new > 1:
-                start = request.num_computed_tokens
                 computing.update(request.block_hashes[start // size : (start + num_new) // size])
         return budget
 
@@ -295,10 +295,16 @@ class Scheduler:
         for request in deferred:
             self._push_waiting(request)
 
-    def _append(self, request: Request, tokens: list[int]) -> RequestStatus | None:
+    @staticmethod
+    def _append(request: Request, tokens: list[int]) -> RequestStatus | None:
         """Append tokens up to the first that ends the request; cuts `tokens` to those."""
-        room = request.params.max_tokens - request.num_output_tokens
+        room = request.params.max_tokens - len(request.token_ids) + len(request.prompt_token_ids)
         stop_ids = request.stop_token_ids
+        if len(tokens) == 1:  # the common case: one sampled token
+            request.append_token_ids(tokens)
+            if tokens[0] in stop_ids:
+                return RequestStatus.FINISHED_STOPPED
+            return RequestStatus.FINISHED_LENGTH if room <= 1 else None
         status = None
         for n, token in enumerate(tokens, 1):
             if token in stop_ids:
