@@ -199,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-speculative-tokens", default="auto", help="k per step, or auto")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="run a benchmark: engine, routing or spec_decode")
-    p.add_argument("which", choices=["engine", "routing", "spec_decode"])
+    p = sub.add_parser("bench", help="run a benchmark: engine, routing, spec_decode or compare")
+    p.add_argument("which", choices=["engine", "routing", "spec_decode", "compare"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
