@@ -56,6 +56,17 @@ class RequestDelta:
     num_cached_tokens: int = 0
     worker_id: str = ""  # set by the worker deployment that streamed it
 
+    def merge(self, later: RequestDelta) -> None:
+        """Fold the next delta of the same request into this one (a slow reader then gets
+        one message for several steps)."""
+        self.new_token_ids = self.new_token_ids + later.new_token_ids
+        self.new_text += later.new_text
+        if later.new_logprobs:
+            self.new_logprobs = (self.new_logprobs or []) + later.new_logprobs
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.num_output_tokens = later.num_output_tokens
+        self.num_cached_tokens = later.num_cached_tokens
+
 
 class RequestRejectedError(ValueError):
     """The worker refused the request as invalid (becomes HTTP 400)."""

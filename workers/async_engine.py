@@ -64,7 +64,11 @@ class AsyncEngine:
         kv_payloads: list | None = None,
         block_hashes: list[int] | None = None,
     ) -> AsyncIterator[RequestDelta]:
-        """Streams the request's deltas; raises ValueError if the engine rejects it."""
+        """Streams the request's deltas; raises ValueError if the engine rejects it.
+
+        Deltas that piled up while the reader was busy are merged into one: under load every
+        hop after this one (Ray, the router, HTTP) handles fewer, larger messages, and a
+        reader that keeps up still gets every step's delta as soon as it is made."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         request_id = request_id or uuid.uuid4().hex
@@ -80,6 +84,12 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                while not item.finished and not sink.empty():
+                    later = sink.get_nowait()
+                    if isinstance(later, BaseException):
+                        sink.put_nowait(later)  # raised on the next read, after this delta
+                        break
+                    item.merge(later)
                 finished = item.finished
                 yield item
                 if finished:

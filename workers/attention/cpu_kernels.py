@@ -1,96 +1,33 @@
-"""The CPU paged-attention kernel (cpu_paged_attention.c): built once per machine, called
-through ctypes.
+"""The CPU paged-attention kernel (cpu_paged_attention.c), called through ctypes.
 
 Gathering every sequence's blocks into a contiguous copy each layer, as the pure-torch path
 does, moves the whole context through memory three times (read, write, read again); the
-kernel reads it once, in place. It is plain C with OpenMP, compiled with the machine's C
-compiler (`cc`, or `$CC`) for this CPU, and shares torch's OpenMP thread pool (the same
-libgomp is already loaded). When no compiler is available the backend falls back to the
-torch path, with one warning.
+kernel reads it once, in place. It is built on first use (workers/native.py); without a C
+compiler the backend keeps the torch path.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from workers import native
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno")
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MANTA_KERNEL_CACHE") or Path.home() / ".cache" / "manta" / "kernels"
-    return Path(root)
-
-
-def _cpu_flags() -> str:
-    """This CPU's feature flags: a kernel built for one CPU (-march=native) may not run on
-    another, so they key the cache as well."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            return next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    """Compile the kernel (once per source, flags, compiler and CPU) into the cache directory."""
-    source = SOURCE.read_bytes()
-    identity = " ".join((compiler, *FLAGS, _cpu_flags()))
-    key = hashlib.sha256(source + identity.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_paged_attention-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built aside and renamed: processes that build at once never load a half-written file.
-    fd, staging = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", staging, "-lm"],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.unlink(staging)
-    return target
 
 
 @cache
 def _kernel():
-    """The loaded kernel function, or None if it cannot be built here."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: CPU attention uses the slower torch path")
+    """The kernel function, or None if it cannot be built here."""
+    library = native.load(SOURCE)
+    if library is None:
         return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        logger.warning("CPU attention kernel unavailable (%s): using the torch path", detail)
-        return None
-    fn = library.manta_paged_attention_f32
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64]
-    fn.argtypes += [i64, i64, i64, i64, ctypes.c_float, i64, i64]
-    fn.restype = ctypes.c_int
-    return fn
+    i64, ptr = native.I64, native.PTR
+    args = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64]
+    args += [i64, i64, i64, i64, native.F32, i64, i64]
+    return native.declare(library, "manta_paged_attention_f32", args, native.INT)
 
 
 def available() -> bool:
@@ -119,7 +56,7 @@ def paged_attention(
     if not (key_cache.is_contiguous() and value_cache.is_contiguous()):
         raise ValueError("the KV caches must be contiguous")
     for t in (block_tables, query_start_loc, seq_lens, seqs):
-        if t.dtype != torch.int64 or t.stride(-1) != 1:
+        if t.dtype != torch.int64 or (t.stride(-1) != 1 and t.shape[-1] > 1):
             raise ValueError("block tables, query starts, sequence lengths must be int64")
     _, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape

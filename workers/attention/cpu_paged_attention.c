@@ -3,9 +3,11 @@
  *
  * The batch is flat: sequence s owns query rows [query_start[s], query_start[s+1]), the last
  * tokens of its context of seq_lens[s] tokens (causal, with an optional sliding window).
- * Work is split into (sequence, KV head, tile of query tokens) items shared out by OpenMP; an
- * item streams its context once, a KV block at a time, for all the query heads of its KV head
- * (grouped-query attention), with an online softmax. Dot products, the exponentials (a
+ * Work is split into (sequence, tile of query tokens) items shared out by OpenMP; an item
+ * streams its context once, a KV block at a time, for all its query heads (each block's keys
+ * and values are one contiguous run of memory), with an online softmax. Sequences that share
+ * prefix blocks are best passed next to each other in `seqs`: those blocks are then still in
+ * cache when the next one reads them. Dot products, the exponentials (a
  * polynomial, so the compiler can vectorise them) and the weighted sums of values all run
  * over contiguous float32 rows.
  */
@@ -44,16 +46,17 @@ typedef struct {
 static void attend_tile(
     const Shape *sh, const float *q, const float *k_cache, const float *v_cache,
     const int64_t *table, int64_t first_q, int64_t num_q, int64_t first_pos,
-    int64_t context_len, float *out, int64_t kv_head, float *scratch)
+    int64_t context_len, float *out, float *scratch)
 {
     const int64_t group = sh->group, head_dim = sh->head_dim, bs = sh->block_size;
-    const int64_t rows = num_q * group, window = sh->window;
+    const int64_t heads = group * sh->num_kv_heads;
+    const int64_t rows = num_q * heads, window = sh->window;
     float *m = scratch, *l = m + rows, *acc = l + rows;
     float *qs = acc + rows * head_dim; /* [rows, head_dim] the scaled queries */
     float *scores = qs + rows * head_dim; /* [bs] */
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t i = r / group, g = r % group;
-        const float *src = q + (first_q + i) * sh->q_stride_t + (kv_head * group + g) * sh->q_stride_h;
+        const int64_t i = r / heads, h = r % heads;
+        const float *src = q + (first_q + i) * sh->q_stride_t + h * sh->q_stride_h;
         for (int64_t d = 0; d < head_dim; d++) qs[r * head_dim + d] = src[d] * sh->scale;
         m[r] = -INFINITY;
         l[r] = 0.0f;
@@ -65,12 +68,14 @@ static void attend_tile(
     if (window > 0) { lo = first_pos - window + 1; if (lo < 0) lo = 0; }
     for (int64_t start = lo - lo % bs; start <= last_pos; start += bs) {
         const int64_t block = table[start / bs];
-        const float *kb = k_cache + (block * bs) * token_stride + kv_head * head_dim;
-        const float *vb = v_cache + (block * bs) * token_stride + kv_head * head_dim;
+        const float *k_block = k_cache + (block * bs) * token_stride;
+        const float *v_block = v_cache + (block * bs) * token_stride;
         int64_t count = context_len - start;
         if (count > bs) count = bs;
         for (int64_t r = 0; r < rows; r++) {
-            const int64_t pos = first_pos + r / group;
+            const int64_t pos = first_pos + r / heads;
+            const int64_t kv_off = (r % heads) / group * head_dim;
+            const float *kb = k_block + kv_off, *vb = v_block + kv_off;
             int64_t j_lo = 0, j_hi = pos - start + 1; /* keys [j_lo, j_hi) are visible */
             if (j_hi > count) j_hi = count;
             if (window > 0 && pos - window + 1 > start) j_lo = pos - window + 1 - start;
@@ -108,8 +113,8 @@ static void attend_tile(
         }
     }
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t i = r / group, g = r % group;
-        float *o = out + (first_q + i) * sh->out_stride_t + (kv_head * group + g) * sh->out_stride_h;
+        const int64_t i = r / heads, h = r % heads;
+        float *o = out + (first_q + i) * sh->out_stride_t + h * sh->out_stride_h;
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
         for (int64_t d = 0; d < head_dim; d++) o[d] = acc[r * head_dim + d] * inv;
     }
@@ -139,8 +144,8 @@ int manta_paged_attention_f32(
         const int64_t num_q = query_start[s + 1] - query_start[s];
         tile_start[i + 1] = tile_start[i] + (num_q + QUERY_TILE - 1) / QUERY_TILE;
     }
-    const int64_t num_items = tile_start[num_seqs] * num_kv_heads;
-    const int64_t rows = QUERY_TILE * sh.group;
+    const int64_t num_items = tile_start[num_seqs];
+    const int64_t rows = QUERY_TILE * num_heads;
     const size_t scratch_floats = rows * (2 + 2 * head_dim) + block_size;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
@@ -153,7 +158,7 @@ int manta_paged_attention_f32(
 #pragma omp for schedule(dynamic, 1)
         for (int64_t item = 0; item < num_items; item++) {
             if (scratch == NULL) continue;
-            const int64_t tile = item / num_kv_heads, kv_head = item % num_kv_heads;
+            const int64_t tile = item;
             int64_t i = 0; /* the sequence holding this tile (tiles are few: linear is fine) */
             while (tile_start[i + 1] <= tile) i++;
             const int64_t s = seqs[i];
@@ -163,7 +168,7 @@ int manta_paged_attention_f32(
             const int64_t len = seq_lens[s];
             const int64_t first_pos = len - (query_start[s + 1] - first_q);
             attend_tile(&sh, q, k_cache, v_cache, block_tables + s * table_stride, first_q,
-                        num_q, first_pos, len, out, kv_head, scratch);
+                        num_q, first_pos, len, out, scratch);
         }
         free(scratch);
     }

@@ -118,6 +118,10 @@ class TorchAttentionBackend(AttentionBackend):
         flat_v.index_copy_(0, meta.slot_mapping, value)
         out = torch.empty_like(query)
         if self._use_kernel(query):
+            if not isinstance(meta.plan, torch.Tensor):
+                # Sequences sharing a prefix (the same first block) side by side: the prefix's
+                # blocks are read from memory once and from cache by the rest.
+                meta.plan = torch.argsort(meta.block_tables[:, 0], stable=True).contiguous()
             cpu_kernels.paged_attention(
                 query,
                 key_cache,
@@ -125,7 +129,7 @@ class TorchAttentionBackend(AttentionBackend):
                 meta.block_tables,
                 meta.query_start_loc,
                 meta.seq_lens,
-                torch.arange(meta.num_seqs),
+                meta.plan,
                 out,
                 scale,
                 sliding_window,

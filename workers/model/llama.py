@@ -3,7 +3,9 @@
 One forward call serves any mix of prefill, chunked prefill and decode: the tokens of all
 sequences are concatenated, and the attention backend maps each to its sequence's blocks.
 Projections are fused (q/k/v in one matmul, gate/up in another) because on a CPU the number of
-matmuls, not only their size, costs time.
+matmuls, not only their size, costs time. The residual stream is carried beside the layer
+output, so each residual add is fused with the RMSNorm after it; on float32 CPU tensors those
+norms, the rotary embedding and SiLU-times-up run as single-pass C kernels (cpu_ops).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.base import AttentionBackend, AttentionMetadata
+from workers.model import cpu_ops
 from workers.model.config import ModelConfig
 from workers.model.linear import Linear, linear
 from workers.model.rope import RotaryEmbedding
@@ -24,10 +27,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x); with no residual yet, (norm(x), x)."""
+        if cpu_ops.usable(x):
+            return cpu_ops.add_rms_norm(x, residual, self.weight, self.eps), (
+                x if residual is None else residual  # the C kernel added x into it in place
+            )
+        h = x if residual is None else residual + x
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h32.to(h.dtype), h
 
 
 class Attention(nn.Module):
@@ -67,7 +78,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_ops.usable(gate_up):
+            return self.down_proj(cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -79,9 +93,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rope, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rope, kv_cache, meta):
+        """(this layer's output, the residual stream before it is added)."""
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, rope, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -113,8 +130,8 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [N] rows of the batch whose next-token logits are wanted
     ) -> torch.Tensor:  # [N, vocab] float32
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rope, kv_cache, meta)
-        x = self.norm(x[logits_indices])
+            x, residual = layer(x, residual, positions, self.rope, kv_cache, meta)
+        x, _ = self.norm(x[logits_indices], residual[logits_indices])
         return linear(x, self.lm_head_weight).float()
