@@ -51,6 +51,7 @@ def build_app(config: ClusterConfig) -> Application:
         index_ttl_s=config.index_ttl_s,
         publish_interval_s=config.publish_interval_s,
         max_waiting=config.max_ongoing_requests,
+        stream_interval_s=config.stream_interval_s,
     )
     ingress = serve.deployment(serve.ingress(None)(Ingress)).options(
         name=INGRESS_DEPLOYMENT,

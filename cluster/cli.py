@@ -80,6 +80,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cpus = args.cpus_per_worker
     if cpus is None:  # CPU workers split this machine's cores; GPU workers need few
         cpus = 1.0 if args.gpus_per_worker else max(1.0, (os.cpu_count() or 1) / args.workers)
+    given = {}  # flags left unset keep ClusterConfig's defaults
+    if args.stream_interval_ms is not None:
+        given["stream_interval_s"] = args.stream_interval_ms / 1e3
     config = ClusterConfig(
         model=args.model or default_model(),
         served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
@@ -90,6 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         engine=engine_settings(args),
+        **given,
     )
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     serve.start(http_options={"host": config.host, "port": config.port})
@@ -189,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="share the prefix index in Redis (default: embedded)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        help="after a stream's first token, at most one message per this many ms (default 50; "
+        "0: every step's tokens at once)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--kv-cache-mb", type=int, help="KV pool per worker (default: 512 MiB on CPU)")
     p.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default 64)")

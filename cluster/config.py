@@ -62,6 +62,13 @@ class ClusterConfig(BaseModel):
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429.")
     index_ttl_s: float = Field(15.0, gt=0, description="A silent worker's index entries expire.")
     publish_interval_s: float = Field(0.2, gt=0, description="How often workers publish events.")
+    stream_interval_s: float = Field(
+        0.05,
+        ge=0,
+        description="A stream sends at most one message per interval after its first token "
+        "(tokens made meanwhile travel together): less per-token work in every process on "
+        "the way; 0 sends every step's tokens at once.",
+    )
     engine: EngineConfig = Field(
         description="The workers' engine settings (workers.engine_config.EngineConfig); its "
         "`model` is always this config's `model`."

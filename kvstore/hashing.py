@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from functools import cache
 
 import xxhash
 
@@ -19,12 +20,17 @@ ROOT_HASH: int = 0
 _HEADER = struct.Struct("<QQ")
 
 
+@cache
+def _tokens_layout(num_tokens: int) -> struct.Struct:
+    return struct.Struct(f"<{num_tokens}q")
+
+
 def hash_block(parent_hash: int, token_ids: Sequence[int], extra_key: bytes = b"") -> int:
     """Hash one block: parent (8 bytes), extra key (length-prefixed), token ids (int64 each)."""
     payload = (
         _HEADER.pack(parent_hash, len(extra_key))
         + extra_key
-        + struct.pack(f"<{len(token_ids)}q", *token_ids)
+        + _tokens_layout(len(token_ids)).pack(*token_ids)
     )
     return xxhash.xxh3_64_intdigest(payload)
 

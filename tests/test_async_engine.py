@@ -82,3 +82,27 @@ def test_rejected_request_raises_in_the_stream(engine):
 
     text, tokens, last = asyncio.run(main())
     assert len(tokens) == PARAMS.max_tokens and last.finished
+
+
+def test_a_slow_reader_gets_merged_deltas_with_nothing_lost(engine, tiny_model):
+    """A reader that sleeps between reads finds several steps' deltas waiting: it gets them
+    as one (fewer messages downstream), and the whole stream still equals the offline one."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=1)
+
+    async def main():
+        deltas = []
+        async for delta in engine.generate(PROMPTS[1], params):
+            deltas.append(delta)
+            await asyncio.sleep(0.05)  # several engine steps go by meanwhile
+        return deltas
+
+    deltas = asyncio.run(main())
+    expected = LLM(tiny_model, num_blocks=128).generate(PROMPTS[1], params)[0].outputs[0]
+    assert len(deltas) < params.max_tokens  # merged
+    assert max(len(d.new_token_ids) for d in deltas) > 1
+    assert [t for d in deltas for t in d.new_token_ids] == expected.token_ids
+    assert "".join(d.new_text for d in deltas) == expected.text
+    logprobs = [lp for d in deltas for lp in d.new_logprobs]
+    assert [lp.token_id for lp in logprobs] == expected.token_ids
+    assert deltas[-1].finished and deltas[-1].num_output_tokens == params.max_tokens
+    assert [d.finished for d in deltas].count(True) == 1

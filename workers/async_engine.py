@@ -63,12 +63,15 @@ class AsyncEngine:
         priority: int = 0,
         kv_payloads: list | None = None,
         block_hashes: list[int] | None = None,
+        interval_s: float = 0.0,
     ) -> AsyncIterator[RequestDelta]:
         """Streams the request's deltas; raises ValueError if the engine rejects it.
 
-        Deltas that piled up while the reader was busy are merged into one: under load every
-        hop after this one (Ray, the router, HTTP) handles fewer, larger messages, and a
-        reader that keeps up still gets every step's delta as soon as it is made."""
+        Deltas that piled up while the reader was busy are merged into one, so every hop
+        after this one (Ray, the router, HTTP) handles fewer, larger messages. With
+        `interval_s`, after each delta the stream waits until that long has passed before it
+        takes the next (the first token is never held back): at most one message per
+        interval, whatever the step rate."""
         if self._stopped.is_set():
             raise RuntimeError("the engine is shut down")
         request_id = request_id or uuid.uuid4().hex
@@ -91,9 +94,13 @@ class AsyncEngine:
                         break
                     item.merge(later)
                 finished = item.finished
+                sent = loop.time()
                 yield item
                 if finished:
                     return
+                wait = interval_s - (loop.time() - sent)
+                if wait > 0:
+                    await asyncio.sleep(wait)
         finally:
             if not finished:
                 self.abort(request_id)

@@ -42,6 +42,7 @@ class WorkerDeployment:
         index_ttl_s: float = 15.0,
         publish_interval_s: float = 0.2,
         max_waiting: int = 256,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
         self.worker_id = serve.get_replica_context().replica_id.unique_id
@@ -52,6 +53,7 @@ class WorkerDeployment:
         )
         self.max_waiting = max_waiting
         self.publish_interval_s = publish_interval_s
+        self.stream_interval_s = stream_interval_s
         # Hot system-prompt KV is shared through Redis when the cluster has one.
         self.block_store = BlockStore(redis_url, namespace) if redis_url else None
         self.load_cost = LoadCostModel()
@@ -89,6 +91,7 @@ class WorkerDeployment:
             request.priority,
             payloads,
             hashes,
+            self.stream_interval_s,
         )
         try:
             async for delta in stream:

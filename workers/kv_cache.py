@@ -129,7 +129,7 @@ class KVCacheManager:
 
         ``token_ids`` holds all known tokens of the request (prompt and generated) and
         ``block_hashes`` their full blocks' chained hashes. Every block this fills is
-        registered in the cache under its hash.
+        registered in the cache under its hash. Only steps that fill a block need a call.
         """
         state = self._requests[request_id]
         if not state.num_computed_tokens <= num_computed_tokens <= len(token_ids):

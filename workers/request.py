@@ -60,10 +60,31 @@ class Request:
             )
         extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
 
-    def append_token_ids(self, token_ids: list[int]) -> None:
-        self.token_ids.extend(token_ids)
-        if len(self.token_ids) >= (len(self.block_hashes) + 1) * self.block_size:  # a block filled
-            extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
+    def append_token_ids(self, token_ids: list[int]) -> RequestStatus | None:
+        """Append new tokens up to the first that ends the request (a stop token, or the
+        length limit), cutting `token_ids` to those; returns the finish status, if any."""
+        tokens, status = self.token_ids, None
+        room = self.params.max_tokens - len(tokens) + len(self.prompt_token_ids)
+        if len(token_ids) == 1:  # plain decoding, the hot path: no loop
+            tokens.append(token_ids[0])
+            if token_ids[0] in self.stop_token_ids:
+                status = RequestStatus.FINISHED_STOPPED
+            elif room <= 1:
+                status = RequestStatus.FINISHED_LENGTH
+        else:
+            for n, token in enumerate(token_ids, 1):
+                if token in self.stop_token_ids:
+                    status = RequestStatus.FINISHED_STOPPED
+                elif n >= room:
+                    status = RequestStatus.FINISHED_LENGTH
+                else:
+                    continue
+                del token_ids[n:]
+                break
+            tokens.extend(token_ids)
+        if len(tokens) >= (len(self.block_hashes) + 1) * self.block_size:  # a block filled
+            extend_block_hashes(self.block_hashes, tokens, self.block_size, self.hash_key)
+        return status
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -187,25 +187,27 @@ class Scheduler:
         """Apply a step's results; returns the requests it finished (their blocks freed).
 
         `sampled[i]` holds request i's new tokens: none mid-prefill, one from plain sampling,
-        the accepted drafts plus one after verification. Tokens are appended up to the first
-        that ends the request (EOS or a stop token id, or the length limit) and `sampled[i]` is
+        the accepted drafts plus one after verification. The request takes them up to the
+        first that ends it (EOS or a stop token id, or the length limit) and `sampled[i]` is
         cut to the tokens kept. KV is valid for everything computed except rejected drafts; it
         is committed (full blocks cached) before a finished request gives its blocks back.
         """
         finished = []
-        kv, drafted = self.kv, out.draft_token_ids
-        for i, request in enumerate(out.requests):
-            tokens = sampled[i]
+        kv, drafted, size = self.kv, out.draft_token_ids, self.kv.block_size
+        steps = zip(out.requests, sampled, out.num_scheduled_tokens)
+        for i, (request, tokens, num_new) in enumerate(steps):
             drafts = drafted.get(i) if drafted else None
-            # After verification, KV holds the last known token and the accepted drafts.
-            num_new = len(tokens) if drafts else out.num_scheduled_tokens[i]
-            status = self._append(request, tokens) if tokens else None
-            # Capped by the tokens known: a request that stopped inside a run of accepted
-            # drafts keeps only the tokens up to its stop.
-            computed = min(request.num_computed_tokens + num_new, len(request.token_ids))
+            status = request.append_token_ids(tokens) if tokens else None
+            start = request.num_computed_tokens
+            computed = start + num_new
+            if drafts:
+                # KV holds the last known token and the accepted drafts, and no more than the
+                # tokens kept when the request stopped inside a run of accepted drafts.
+                computed = min(start + len(tokens), len(request.token_ids))
             request.num_computed_tokens = computed
             rid = request.request_id
-            kv.commit(rid, request.token_ids, computed, request.block_hashes)
+            if computed // size > start // size:  # a block filled: cache it
+                kv.commit(rid, request.token_ids, computed, request.block_hashes)
             if drafts:
                 kv.truncate(rid, computed)
             if status is not None:
@@ -226,6 +228,11 @@ class Scheduler:
         `computing`."""
         size = self.kv.block_size
         running, allocate = self.running, self.kv.allocate_slots
+        add_request, add_count, add_slots = (
+            out.requests.append,
+            out.num_scheduled_tokens.append,
+            out.num_draft_slots.append,
+        )
         index = 0
         while index < len(running) and budget > 0:
             request = running[index]
@@ -242,9 +249,9 @@ class Scheduler:
                 out.preempted.append(victim)
                 if victim is request:
                     return budget
-            out.requests.append(request)
-            out.num_scheduled_tokens.append(num_new)
-            out.num_draft_slots.append(slots)
+            add_request(request)
+            add_count(num_new)
+            add_slots(slots)
             budget -= num_new + slots
             index += 1
             if num_new > 1:
@@ -294,29 +301,6 @@ class Scheduler:
             computing.update(request.block_hashes[num_matched : total // self.kv.block_size])
         for request in deferred:
             self._push_waiting(request)
-
-    @staticmethod
-    def _append(request: Request, tokens: list[int]) -> RequestStatus | None:
-        """Append tokens up to the first that ends the request; cuts `tokens` to those."""
-        room = request.params.max_tokens - len(request.token_ids) + len(request.prompt_token_ids)
-        stop_ids = request.stop_token_ids
-        if len(tokens) == 1:  # the common case: one sampled token
-            request.append_token_ids(tokens)
-            if tokens[0] in stop_ids:
-                return RequestStatus.FINISHED_STOPPED
-            return RequestStatus.FINISHED_LENGTH if room <= 1 else None
-        status = None
-        for n, token in enumerate(tokens, 1):
-            if token in stop_ids:
-                status = RequestStatus.FINISHED_STOPPED
-            elif n >= room:
-                status = RequestStatus.FINISHED_LENGTH
-            else:
-                continue
-            del tokens[n:]
-            break
-        request.append_token_ids(tokens)
-        return status
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
