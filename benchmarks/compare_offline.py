@@ -42,7 +42,8 @@ def trace_prompts(num_requests: int, output_len: int, system_len: int, seed: int
 def prompt_spec(
     model_dir: Path, vocab: int, num_requests: int, max_tokens: int, seeds: Sequence[int]
 ) -> dict[str, Any]:
-    """The JSON every offline runner reads: seeds[0] is the warm-up set, the rest timed runs."""
+    """The JSON every offline runner reads: seeds[0] is the warm-up set, the rest timed runs;
+    one more fresh set, for Manta's profiled run, follows them."""
     sets = [trace_prompts(num_requests, max_tokens, 192, seed, vocab) for seed in seeds]
     return {
         "model": str(model_dir),
@@ -51,12 +52,14 @@ def prompt_spec(
         "max_num_seqs": MAX_NUM_SEQS,
         "warmup": sets[0],
         "runs": sets[1:],
+        "profile": trace_prompts(num_requests, max_tokens, 192, max(seeds) + 1, vocab),
     }
 
 
 # -- the children ------------------------------------------------------------------------------
 def run_manta(spec: dict[str, Any]) -> dict[str, Any]:
     """Manta's offline `LLM.generate`, once per prompt set, CPU over the process tree."""
+    from benchmarks.step_profile import profile_run
     from workers import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -72,7 +75,8 @@ def run_manta(spec: dict[str, Any]) -> dict[str, Any]:
         wall = time.perf_counter() - wall
         token_ids = [list(out.outputs[0].token_ids) for out in outs]
         runs.append(run_record(token_ids, wall, cpu_between(before, tree_cpu_s(root))))
-    return {"system": "manta", "start_s": start_s, "runs": runs}
+    profiled = profile_run(lambda: llm.generate(spec["profile"], params))
+    return {"system": "manta", "start_s": start_s, "runs": runs, "profile": profiled}
 
 
 def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:
@@ -144,6 +148,7 @@ def offline_summary(result: dict[str, Any], reference: list[list[list[int]]] | N
     ]
     summary = {
         "system": result["system"],
+        "profile": result.get("profile"),
         "start_s": result.get("start_s", 0.0),
         "process_s": result.get("process_s", 0.0),
         "runs": runs,

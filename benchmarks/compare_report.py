@@ -185,11 +185,24 @@ def served_target_table(comparison: Mapping[str, Any] | None) -> Table:
     return Table(title, header, rows)
 
 
+def profile_table(profile: Mapping[str, Any]) -> Table:
+    """Where one profiled offline run of Manta spends its time, by kind of work."""
+    rows = [
+        [kind, fmt(seconds * 1e3), f"{profile['share'][kind]:.0%}"]
+        for kind, seconds in sorted(profile["seconds"].items(), key=lambda kv: -kv[1])
+    ]
+    title = f"Manta's offline run, profiled ({fmt(profile['wall_s'])} s under the profiler)"
+    return Table(title, ["work", "ms", "share of wall time"], rows)
+
+
 def all_tables(results: Mapping[str, Any]) -> list[Table]:
     """The tables of a comparison's results, leaving out those with nothing to compare."""
     tables = []
     if results["offline"]:
         tables.append(offline_table(results["offline"]))
+        profile = results["offline"].get("manta", {}).get("profile")
+        if profile:
+            tables.append(profile_table(profile))
         if results["offline_ratios"]:
             tables.append(offline_target_table(results["offline_ratios"]))
     if results["served"]:

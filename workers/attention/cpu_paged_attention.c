@@ -7,7 +7,8 @@
  * streams its context once, a KV block at a time, for all its query heads (each block's keys
  * and values are one contiguous run of memory), with an online softmax. Sequences that share
  * prefix blocks are best passed next to each other in `seqs`: those blocks are then still in
- * cache when the next one reads them. Dot products, the exponentials (a
+ * cache when the next one reads them. The next block is prefetched while one is computed:
+ * blocks lie anywhere in the pool, where the hardware prefetcher cannot follow. Dot products, the exponentials (a
  * polynomial, so the compiler can vectorise them) and the weighted sums of values all run
  * over contiguous float32 rows.
  */
@@ -72,6 +73,16 @@ static void attend_tile(
         const float *v_block = v_cache + (block * bs) * token_stride;
         int64_t count = context_len - start;
         if (count > bs) count = bs;
+        if (start + bs <= last_pos) { /* the next block: fetch it while this one is computed */
+            const int64_t next = table[start / bs + 1];
+            const char *nk = (const char *)(k_cache + (next * bs) * token_stride);
+            const char *nv = (const char *)(v_cache + (next * bs) * token_stride);
+            const int64_t bytes = bs * token_stride * (int64_t)sizeof(float);
+            for (int64_t b = 0; b < bytes; b += 64) {
+                __builtin_prefetch(nk + b, 0, 3);
+                __builtin_prefetch(nv + b, 0, 3);
+            }
+        }
         for (int64_t r = 0; r < rows; r++) {
             const int64_t pos = first_pos + r / heads;
             const int64_t kv_off = (r % heads) / group * head_dim;
