@@ -18,9 +18,13 @@ from workers.sampler import (
 )
 
 
-def reference_kept(row: list[float], top_k: int, top_p: float, min_p: float) -> set[int]:
+def reference_kept(
+    row: list[float], top_k: int, top_p: float, min_p: float, min_p_slack: float = 0.0
+) -> set[int]:
     """Token ids one row keeps, by sorting and loops in float64 over scaled logits; the
-    nucleus also keeps every token whose logit ties its last token's."""
+    nucleus also keeps every token whose logit ties its last token's. min-p compares logits,
+    p_i >= min_p * p_max as logit_i - logit_max >= log(min_p) (+ `min_p_slack`): in
+    probabilities, float64 rounds away logit gaps that float32 logits still hold."""
     kept = set(range(len(row)))
     if 0 < top_k < len(row):
         kth = sorted(row, reverse=True)[top_k - 1]
@@ -43,9 +47,9 @@ def reference_kept(row: list[float], top_k: int, top_p: float, min_p: float) -> 
                 break
         kept = {i for i in kept if row[i] >= row[last]}
     if min_p > 0.0:
-        p = probs()
-        top = max(p.values())
-        kept = {i for i in kept if p[i] >= min_p * top}
+        top = max(row[i] for i in kept)
+        bound = math.log(min_p) + min_p_slack
+        kept = {i for i in kept if row[i] == top or row[i] - top >= bound}
     return kept
 
 
@@ -56,8 +60,8 @@ def reference_bounds(row: list[float], params: SamplingParams) -> tuple[set[int]
     strict_p = max(params.top_p - 1e-5, 1e-9) if params.top_p < 1.0 else 1.0
     loose_p = min(params.top_p + 1e-5, 1.0)
     return (
-        reference_kept(row, top_k, strict_p, min(params.min_p * (1 + 1e-4), 1.0)),
-        reference_kept(row, top_k, loose_p, params.min_p * (1 - 1e-4)),
+        reference_kept(row, top_k, strict_p, params.min_p, 1e-4),
+        reference_kept(row, top_k, loose_p, params.min_p, -1e-4),
     )
 
 

@@ -34,7 +34,7 @@ from workers.model.tokenizer import Tokenizer
 from workers.model_runner import ModelInputs, ModelRunner
 from workers.output_processor import RequestOutputState, make_delta
 from workers.request import Request, RequestStatus
-from workers.sampler import Sampler, SamplingBatch, make_generator
+from workers.sampler import Sampler, make_generator
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.spec_decode.config import SpeculativeConfig
 from workers.spec_decode.decoder import SpecDecoder
@@ -246,7 +246,10 @@ class Engine:
         plain = [i for i, k in enumerate(num_logits) if k and i not in out.draft_token_ids]
         if plain:
             rows = logits if len(plain) == len(logits) else logits[[row_starts[i] for i in plain]]
-            tokens, lps = self._sample([out.requests[i] for i in plain], rows)
+            requests = [out.requests[i] for i in plain]
+            tokens, lps = self.sampler.sample(
+                [r.params for r in requests], [r.generator for r in requests], rows
+            )
             for i, token, lp in zip(plain, tokens, lps):
                 sampled[i] = [token]
                 if lp is not None:
@@ -255,37 +258,6 @@ class Engine:
             for i, tokens in self.spec.verify(out, logits, row_starts).items():
                 sampled[i] = tokens
         return sampled, logprobs
-
-    def _sample(
-        self, requests: list[Request], logits: torch.Tensor
-    ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        """One token per request, with its logprobs when the request asked for them."""
-        params = [r.params for r in requests]
-        if all(p.greedy and p.logprobs is None for p in params):
-            return logits.argmax(-1).tolist(), [None] * len(requests)
-        batch = SamplingBatch.from_params(
-            params, [r.generator for r in requests], logits.shape[-1], device=logits.device
-        )
-        sampled = self.sampler(logits, batch, batch.max_num_logprobs)
-        token_ids = sampled.token_ids.tolist()
-        if sampled.logprobs is None:
-            return token_ids, [None] * len(requests)
-        chosen = sampled.logprobs.tolist()
-        top_values, top_ids = (
-            (t.tolist() for t in sampled.top_logprobs) if sampled.top_logprobs else (None, None)
-        )
-        logprobs: list[TokenLogprobs | None] = []
-        for i, p in enumerate(params):
-            if p.logprobs is None:
-                logprobs.append(None)
-                continue
-            top = (
-                dict(zip(top_ids[i][: p.logprobs], top_values[i][: p.logprobs]))
-                if p.logprobs
-                else {}
-            )
-            logprobs.append(TokenLogprobs(token_ids[i], chosen[i], top))
-        return token_ids, logprobs
 
     def _update(
         self,

@@ -16,6 +16,7 @@ from functools import reduce
 import torch
 from torch import Tensor
 
+from kvstore.messages import TokenLogprobs
 from kvstore.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
@@ -244,3 +245,31 @@ class Sampler:
             return SamplerOutput(token_ids, chosen)
         top = logprobs.topk(num_logprobs, dim=-1)
         return SamplerOutput(token_ids, chosen, (top.values, top.indices))
+
+    def sample(
+        self,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        logits: Tensor,
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """One token per row of [B, V] logits, and the logprobs of the rows that asked."""
+        if all(p.greedy and p.logprobs is None for p in params):  # no batch tensors needed
+            return logits.argmax(-1).tolist(), [None] * len(params)
+        batch = SamplingBatch.from_params(params, generators, logits.shape[-1], logits.device)
+        sampled = self(logits, batch, batch.max_num_logprobs)
+        token_ids = sampled.token_ids.tolist()
+        if sampled.logprobs is None:
+            return token_ids, [None] * len(params)
+        chosen = sampled.logprobs.tolist()
+        top_values, top_ids = (
+            (t.tolist() for t in sampled.top_logprobs) if sampled.top_logprobs else (None, None)
+        )
+        logprobs: list[TokenLogprobs | None] = []
+        for i, p in enumerate(params):
+            if p.logprobs is None:
+                logprobs.append(None)
+                continue
+            k = p.logprobs
+            top = dict(zip(top_ids[i][:k], top_values[i][:k])) if k else {}
+            logprobs.append(TokenLogprobs(token_ids[i], chosen[i], top))
+        return token_ids, logprobs
