@@ -1,27 +1,24 @@
-"""The CPU paged-attention kernel (cpu_paged_attention.c), called through ctypes.
+"""The CPU paged-attention kernel (workers/native/paged_attention.c), called through ctypes.
 
 Gathering every sequence's blocks into a contiguous copy each layer, as the pure-torch path
 does, moves the whole context through memory three times (read, write, read again); the
-kernel reads it once, in place. It is built on first use (workers/native.py); without a C
+kernel reads it once, in place. It is built on first use (workers/native); without a C
 compiler the backend keeps the torch path.
 """
 
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from workers import native
 
-SOURCE = Path(__file__).with_name("cpu_paged_attention.c")
-
 
 @cache
 def _kernel():
     """The kernel function, or None if it cannot be built here."""
-    library = native.load(SOURCE)
+    library = native.load("paged_attention.c")
     if library is None:
         return None
     i64, ptr = native.I64, native.PTR

@@ -1,4 +1,4 @@
-"""Fused decoder-layer elementwise ops for float32 CPU tensors (cpu_layer_ops.c).
+"""Fused decoder-layer elementwise ops for float32 CPU tensors (workers/native/layer_ops.c).
 
 Each replaces several eager torch kernels that would each stream the whole activation through
 memory (see the C file); `usable` says when they apply, and the model keeps its plain torch
@@ -8,18 +8,15 @@ code for everything else (other devices and dtypes, or no C compiler on the mach
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from workers import native
 
-SOURCE = Path(__file__).with_name("cpu_layer_ops.c")
-
 
 @cache
 def _library():
-    library = native.load(SOURCE)
+    library = native.load("layer_ops.c")
     if library is None:
         return None
     i64, ptr, f32 = native.I64, native.PTR, native.F32

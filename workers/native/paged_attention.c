@@ -8,35 +8,18 @@
  * and values are one contiguous run of memory), with an online softmax. Sequences that share
  * prefix blocks are best passed next to each other in `seqs`: those blocks are then still in
  * cache when the next one reads them. The next block is prefetched while one is computed:
- * blocks lie anywhere in the pool, where the hardware prefetcher cannot follow. Dot products, the exponentials (a
- * polynomial, so the compiler can vectorise them) and the weighted sums of values all run
- * over contiguous float32 rows.
+ * blocks lie anywhere in the pool, where the hardware prefetcher cannot follow. Dot products,
+ * the exponentials (fast_math.h) and the weighted sums of values all run over contiguous
+ * float32 rows.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define QUERY_TILE 16 /* query tokens per work item */
+#include "fast_math.h"
 
-/* exp(x) for x <= 0 (scores minus their running maximum), to within 2 ulp of expf:
- * x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial, 2^n by
- * building the exponent bits; n is rounded by the 1.5 * 2^23 trick, which vectorises where
- * rintf may not. Results below FLT_MIN flush to 0. */
-static inline float exp_nonpositive(float x) {
-    if (x < -87.0f) return 0.0f;
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
-}
+#define QUERY_TILE 16 /* query tokens per work item */
 
 typedef struct {
     int64_t q_stride_t, q_stride_h, out_stride_t, out_stride_h;
@@ -103,11 +86,11 @@ static void attend_tile(
             for (int64_t j = j_lo; j < j_hi; j++)
                 block_max = scores[j] > block_max ? scores[j] : block_max;
             const float m_new = block_max > m[r] ? block_max : m[r];
-            const float rescale = exp_nonpositive(m[r] - m_new);
+            const float rescale = manta_exp(m[r] - m_new);
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int64_t j = j_lo; j < j_hi; j++) {
-                scores[j] = exp_nonpositive(scores[j] - m_new);
+                scores[j] = manta_exp(scores[j] - m_new);
                 sum += scores[j];
             }
             float *a = acc + r * head_dim;

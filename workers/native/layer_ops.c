@@ -10,25 +10,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define PARALLEL_MIN_ELEMENTS 32768 /* below this, threads cost more than they save */
+#include "fast_math.h"
 
-/* e^x for any float x: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
- * (within 2 ulp of expf), 2^n by building the exponent bits; saturates outside [-87, 88].
- * Written without calls so the compiler vectorises the loops that use it. */
-static inline float exp_any(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
-    float p = 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
-}
+#define PARALLEL_MIN_ELEMENTS 32768 /* below this, threads cost more than they save */
 
 /* residual[t] += x[t] (when residual is not NULL; then the sum is what is normalised), and
  * out[t] = residual[t] * rsqrt(mean(residual[t]^2) + eps) * weight. */
@@ -94,6 +78,6 @@ void manta_silu_mul_f32(
         const float *g = gate_up + t * 2 * inner, *u = g + inner;
         float *o = out + t * inner;
 #pragma omp simd
-        for (int64_t i = 0; i < inner; i++) o[i] = g[i] / (1.0f + exp_any(-g[i])) * u[i];
+        for (int64_t i = 0; i < inner; i++) o[i] = g[i] / (1.0f + manta_exp(-g[i])) * u[i];
     }
 }

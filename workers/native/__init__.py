@@ -1,11 +1,12 @@
 """Small C kernels for the CPU path: built once per machine, loaded through ctypes.
 
-Each kernel is a plain C file with OpenMP beside the Python module that calls it. It is
-compiled with the machine's C compiler (`$CC`, else `cc` or `gcc`) for this very CPU
-(-march=native) into a cache directory (`$MANTA_KERNEL_CACHE`, default ~/.cache/manta/kernels),
-keyed by source, flags, compiler and CPU features, and shares torch's OpenMP runtime (the same
-libgomp is already loaded). Without a compiler the callers keep their torch paths, after one
-warning naming the fix.
+Each kernel is a plain C file with OpenMP in this folder (sharing fast_math.h); the Python
+module that calls it declares its signature. It is compiled with the machine's C compiler
+(`$CC`, else `cc` or `gcc`) for this very CPU (-march=native) into a cache directory
+(`$MANTA_KERNEL_CACHE`, default ~/.cache/manta/kernels), keyed by source, headers, flags,
+compiler and CPU features, and shares torch's OpenMP runtime (the same libgomp is already
+loaded). Without a compiler the callers keep their torch paths, after one warning naming the
+fix.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
+SOURCES = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno")
 
 
@@ -43,7 +45,8 @@ def _cpu_flags() -> str:
 def _build(source: Path, compiler: str) -> Path:
     """Compile ``source`` into the cache directory unless an identical build is there."""
     identity = " ".join((compiler, *FLAGS, _cpu_flags())).encode()
-    key = hashlib.sha256(source.read_bytes() + identity).hexdigest()[:16]
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(SOURCES.glob("*.h")))
+    key = hashlib.sha256(text + identity).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
@@ -53,7 +56,7 @@ def _build(source: Path, compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(source), "-o", staging, "-lm"],
+            [compiler, *FLAGS, f"-I{SOURCES}", str(source), "-o", staging, "-lm"],
             check=True,
             capture_output=True,
             text=True,
@@ -67,8 +70,10 @@ def _build(source: Path, compiler: str) -> Path:
 
 
 @cache
-def load(source: Path) -> ctypes.CDLL | None:
-    """The compiled library of ``source``, or None (with a warning) if it cannot be built."""
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled library of this folder's ``name`` (a .c file), or None (with a warning)
+    if it cannot be built here."""
+    source = SOURCES / name
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.warning("no C compiler found (install gcc): %s runs on slower torch ops", source)
