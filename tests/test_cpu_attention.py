@@ -60,6 +60,7 @@ CASES = [
     ([1, 4, 16], [50, 20, 16], 16, 6, 3, 64, 7),
     ([40, 1, 23], [100, 64, 23], 8, 4, 1, 16, None),  # long queries span several tiles
     ([17], [70], 16, 2, 2, 8, 5),
+    ([33, 2, 5], [80, 40, 5], 16, 8, 2, 32, None),  # transposed-key tiles, group of 4
 ]
 
 

@@ -20,6 +20,10 @@
 #include "fast_math.h"
 
 #define QUERY_TILE 16 /* query tokens per work item */
+/* From this many query tokens in a tile, each block's keys are transposed into scratch once
+ * and every row's scores for the block come from head_dim vector multiply-adds across its
+ * keys, instead of one dot product (and one horizontal sum) per key. */
+#define TRANSPOSE_MIN_QUERIES 4
 
 typedef struct {
     int64_t q_stride_t, q_stride_h, out_stride_t, out_stride_h;
@@ -38,6 +42,8 @@ static void attend_tile(
     float *m = scratch, *l = m + rows, *acc = l + rows;
     float *qs = acc + rows * head_dim; /* [rows, head_dim] the scaled queries */
     float *scores = qs + rows * head_dim; /* [bs] */
+    float *kt = scores + bs; /* [num_kv_heads, head_dim, bs] a block's keys, transposed */
+    const int transposed = num_q >= TRANSPOSE_MIN_QUERIES;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t i = r / heads, h = r % heads;
         const float *src = q + (first_q + i) * sh->q_stride_t + h * sh->q_stride_h;
@@ -66,6 +72,11 @@ static void attend_tile(
                 __builtin_prefetch(nv + b, 0, 3);
             }
         }
+        if (transposed && bs == 16) {
+            for (int64_t j = 0; j < count; j++)
+                for (int64_t c = 0; c < token_stride; c++)
+                    kt[c * bs + j] = k_block[j * token_stride + c];
+        }
         for (int64_t r = 0; r < rows; r++) {
             const int64_t pos = first_pos + r / heads;
             const int64_t kv_off = (r % heads) / group * head_dim;
@@ -75,12 +86,24 @@ static void attend_tile(
             if (window > 0 && pos - window + 1 > start) j_lo = pos - window + 1 - start;
             if (j_hi <= j_lo) continue;
             const float *qr = qs + r * head_dim;
-            for (int64_t j = j_lo; j < j_hi; j++) {
-                const float *kj = kb + j * token_stride;
-                float dot = 0.0f;
+            if (transposed && bs == 16) { /* all 16 slots; those past the context go unread */
+                const float *kth = kt + kv_off * 16;
+                float s16[16] = {0};
+                for (int64_t d = 0; d < head_dim; d++) {
+                    const float qd = qr[d];
+                    const float *kd = kth + d * 16;
+#pragma omp simd
+                    for (int j = 0; j < 16; j++) s16[j] += qd * kd[j];
+                }
+                for (int j = 0; j < 16; j++) scores[j] = s16[j];
+            } else {
+                for (int64_t j = j_lo; j < j_hi; j++) {
+                    const float *kj = kb + j * token_stride;
+                    float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * kj[d];
-                scores[j] = dot;
+                    for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * kj[d];
+                    scores[j] = dot;
+                }
             }
             float block_max = -INFINITY;
             for (int64_t j = j_lo; j < j_hi; j++)
@@ -140,11 +163,12 @@ int manta_paged_attention_f32(
     }
     const int64_t num_items = tile_start[num_seqs];
     const int64_t rows = QUERY_TILE * num_heads;
-    const size_t scratch_floats = rows * (2 + 2 * head_dim) + block_size;
+    const size_t scratch_floats =
+        rows * (2 + 2 * head_dim) + block_size + num_kv_heads * head_dim * block_size;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads)
     {
-        float *scratch = malloc(sizeof(float) * scratch_floats);
+        float *scratch = calloc(scratch_floats, sizeof(float)); /* no garbage ever read */
         if (scratch == NULL) {
 #pragma omp atomic write
             failed = 1;
