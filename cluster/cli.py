@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -70,7 +71,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import time
 
-    import ray
     from ray import serve
 
     from cluster.app import build_app
@@ -95,8 +95,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=engine_settings(args),
         **given,
     )
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    address = os.environ.get("RAY_ADDRESS")
+    starts_ray = address in (None, "", "local")  # a fresh Ray instance on this machine
+    direct = args.direct_ingress if args.direct_ingress is not None else starts_ray
+    start_ray_and_serve(config, address, direct)
     serve.run(build_app(config), name="manta", route_prefix="/")
     print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
     try:
@@ -107,6 +109,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve.shutdown()
         kill_index_actor(config.model_name)
     return 0
+
+
+def start_ray_and_serve(config, address: str | None, direct_ingress: bool) -> None:
+    """Start (or join) Ray, then Serve with its HTTP front.
+
+    With direct ingress, clients reach the ingress replica itself on the port, with no Serve
+    HTTP proxy process in between (Ray Serve's `RAY_SERVE_ENABLE_DIRECT_INGRESS`): on a
+    2-core machine that hop cost the served path most of its throughput (see the compare
+    benchmark). Serve still starts its proxy, idle, on a port of its own. The setting must
+    reach every Serve process, so it travels in the environment (inherited by a Ray instance
+    started here, and in the job's runtime environment for a cluster joined)."""
+    import ray
+    from ray import serve
+
+    env: dict[str, str] = {}
+    proxy_port = config.port
+    if direct_ingress:
+        env = {
+            "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(config.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(config.port + 1),  # exclusive
+            # Held-back ports protect HAProxy setups, which this is not: a restarted ingress
+            # replica binds the port again at once.
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        }
+        os.environ.update(env)
+        with socket.socket() as sock:  # any free port for the idle proxy
+            sock.bind((config.host, 0))
+            proxy_port = sock.getsockname()[1]
+    runtime_env = {"env_vars": env} if env else None
+    ray.init(address=address, include_dashboard=False, runtime_env=runtime_env)
+    serve.start(http_options={"host": config.host, "port": proxy_port})
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
@@ -193,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", help="share the prefix index in Redis (default: embedded)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--direct-ingress",
+        action=argparse.BooleanOptionalAction,
+        help="clients reach the ingress replica on --port with no Serve HTTP proxy hop "
+        "(default: on when this starts its own Ray instance, off when joining RAY_ADDRESS)",
+    )
     p.add_argument(
         "--stream-interval-ms",
         type=float,
