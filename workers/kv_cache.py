@@ -95,17 +95,18 @@ class KVCacheManager:
         tokens count as computed. Returns False, changing nothing, if the pool is short of
         blocks (matched blocks that are currently free count as consumed).
         """
-        num_needed = -(-num_tokens // self.block_size)
         state = self._requests.get(request_id)
         if state is not None:
             if prefix is not None:
                 raise ValueError(f"request {request_id!r} already has blocks; prefix not taken")
+            if num_tokens <= len(state.blocks) * self.block_size:
+                return True  # the common decode step: the last block still has room
+            num_needed = -(-num_tokens // self.block_size)
             num_new = num_needed - len(state.blocks)
-            if num_new <= 0:  # the common decode step: the last block still has room
-                return True
             if num_new > self.pool.num_free_blocks:
                 return False
         else:
+            num_needed = -(-num_tokens // self.block_size)
             cached = prefix.blocks if prefix is not None else []
             num_new = max(0, num_needed - len(cached))
             num_revived = sum(1 for block in cached if block.ref_cnt == 0)

@@ -47,10 +47,13 @@ class Request:
     eos_token_ids: InitVar[frozenset[int]] = frozenset()
     # Tokens that end the request when sampled: EOS (unless ignore_eos) and stop_token_ids.
     stop_token_ids: frozenset[int] = field(init=False)
+    # Tokens the request may hold at most: its prompt plus all it may generate.
+    max_total_tokens: int = field(init=False)
 
     def __post_init__(self, eos_token_ids: frozenset[int]) -> None:
         stop = frozenset(self.params.stop_token_ids or ())
         self.stop_token_ids = stop if self.params.ignore_eos else stop | eos_token_ids
+        self.max_total_tokens = len(self.prompt_token_ids) + self.params.max_tokens
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if len(self.block_hashes) > len(self.token_ids) // self.block_size:
@@ -64,14 +67,15 @@ class Request:
         """Append new tokens up to the first that ends the request (a stop token, or the
         length limit), cutting `token_ids` to those; returns the finish status, if any."""
         tokens, status = self.token_ids, None
-        room = self.params.max_tokens - len(tokens) + len(self.prompt_token_ids)
         if len(token_ids) == 1:  # plain decoding, the hot path: no loop
-            tokens.append(token_ids[0])
-            if token_ids[0] in self.stop_token_ids:
+            token = token_ids[0]
+            tokens.append(token)
+            if token in self.stop_token_ids:
                 status = RequestStatus.FINISHED_STOPPED
-            elif room <= 1:
+            elif len(tokens) >= self.max_total_tokens:
                 status = RequestStatus.FINISHED_LENGTH
         else:
+            room = self.max_total_tokens - len(tokens)
             for n, token in enumerate(token_ids, 1):
                 if token in self.stop_token_ids:
                     status = RequestStatus.FINISHED_STOPPED
@@ -101,11 +105,6 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
-
-    @property
-    def max_total_tokens(self) -> int:
-        """Tokens the request may hold at most: its prompt plus all it may generate."""
-        return self.num_prompt_tokens + self.params.max_tokens
 
     def sort_key(self) -> tuple[int, int]:
         return (self.priority, self.arrival_order)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -192,11 +193,28 @@ class Scheduler:
         cut to the tokens kept. KV is valid for everything computed except rejected drafts; it
         is committed (full blocks cached) before a finished request gives its blocks back.
         """
+        if out.draft_token_ids:
+            return self._update_verified(out, sampled)
+        finished = []
+        kv, size = self.kv, self.kv.block_size
+        for request, tokens, num_new in zip(out.requests, sampled, out.num_scheduled_tokens):
+            start = request.num_computed_tokens
+            computed = request.num_computed_tokens = start + num_new
+            status = request.append_token_ids(tokens) if tokens else None
+            if computed // size > start // size:  # a block filled: cache it
+                kv.commit(request.request_id, request.token_ids, computed, request.block_hashes)
+            if status is not None:
+                self.finish(request, status)
+                finished.append(request)
+        return finished
+
+    def _update_verified(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[Request]:
+        """`update_from_output` for a step that verified speculative drafts."""
         finished = []
         kv, drafted, size = self.kv, out.draft_token_ids, self.kv.block_size
         steps = zip(out.requests, sampled, out.num_scheduled_tokens)
         for i, (request, tokens, num_new) in enumerate(steps):
-            drafts = drafted.get(i) if drafted else None
+            drafts = drafted.get(i)
             status = request.append_token_ids(tokens) if tokens else None
             start = request.num_computed_tokens
             computed = start + num_new
@@ -228,34 +246,35 @@ class Scheduler:
         `computing`."""
         size = self.kv.block_size
         running, allocate = self.running, self.kv.allocate_slots
-        add_request, add_count, add_slots = (
-            out.requests.append,
-            out.num_scheduled_tokens.append,
-            out.num_draft_slots.append,
-        )
+        counts, slots_of = out.num_scheduled_tokens, out.num_draft_slots
+        add_count, add_slots = counts.append, slots_of.append
         index = 0
         while index < len(running) and budget > 0:
             request = running[index]
             start = request.num_computed_tokens
             num_new = len(request.token_ids) - start
-            slots = draft_slots.get(request.request_id, 0) if num_new == 1 and draft_slots else 0
             if num_new > budget:
                 num_new = budget
-            if slots > budget - num_new:
-                slots = budget - num_new
+            slots = 0
+            if draft_slots and num_new == 1:
+                slots = min(draft_slots.get(request.request_id, 0), budget - num_new)
             while not allocate(request.request_id, start + num_new + slots):
                 victim = running[-1]
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
+                    out.requests.extend(running[:index])
                     return budget
-            add_request(request)
             add_count(num_new)
-            add_slots(slots)
+            if draft_slots:
+                add_slots(slots)
             budget -= num_new + slots
             index += 1
             if num_new > 1:
                 computing.update(request.block_hashes[start // size : (start + num_new) // size])
+        out.requests.extend(running[:index])
+        if not draft_slots:
+            slots_of.extend(itertools.repeat(0, index))
         return budget
 
     def _schedule_waiting(
