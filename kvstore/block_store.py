@@ -9,44 +9,18 @@ go first. Like the prefix index, it degrades to "nothing found" when Redis is un
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from kvstore.kv_payload import BlockPayload
+
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class BlockPayload:
-    block_hash: int
-    token_ids: tuple[int, ...]
-    dtype: str  # torch dtype name, e.g. "float32"
-    shape: tuple[int, ...]  # [layers, 2, block_size, kv_heads, head_dim]
-    data: bytes
-
-    def encode(self) -> bytes:
-        header = {
-            "hash": self.block_hash,
-            "tokens": list(self.token_ids),
-            "dtype": self.dtype,
-            "shape": list(self.shape),
-        }
-        return json.dumps(header).encode() + b"\n" + self.data
-
-    @classmethod
-    def decode(cls, raw: bytes) -> BlockPayload:
-        head, _, data = raw.partition(b"\n")
-        header = json.loads(head)
-        return cls(
-            header["hash"], tuple(header["tokens"]), header["dtype"], tuple(header["shape"]), data
-        )
 
 
 class BlockStore:

@@ -14,7 +14,7 @@ from itertools import accumulate
 
 import torch
 
-from kvstore.block_store import BlockPayload
+from kvstore.kv_payload import BlockPayload
 from kvstore.messages import RequestDelta, TokenLogprobs
 from kvstore.sampling_params import SamplingParams
 from workers.batching_policy import (

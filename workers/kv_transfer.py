@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kvstore.block_store import BlockPayload
+from kvstore.kv_payload import BlockPayload
 from workers.kv_cache import KVCacheManager
 
 
