@@ -77,9 +77,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cluster.config import ClusterConfig
     from kvstore.index_actor import kill_index_actor
 
+    gpus = args.gpus_per_worker
+    if gpus is None:  # one GPU per engine where GPUs are asked for, or this machine has them
+        gpus = 1.0 if args.device.startswith("cuda") or local_gpus() else 0.0
     cpus = args.cpus_per_worker
     if cpus is None:  # CPU workers split this machine's cores; GPU workers need few
-        cpus = 1.0 if args.gpus_per_worker else max(1.0, (os.cpu_count() or 1) / args.workers)
+        cpus = 1.0 if gpus else max(1.0, (os.cpu_count() or 1) / args.workers)
     given = {}  # flags left unset keep ClusterConfig's defaults
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
@@ -88,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
         num_workers=args.workers,
         num_cpus_per_worker=cpus,
-        num_gpus_per_worker=args.gpus_per_worker,
+        num_gpus_per_worker=gpus,
         redis_url=args.redis_url,
         host=args.host,
         port=args.port,
@@ -143,11 +146,21 @@ def start_ray_and_serve(config, address: str | None, direct_ingress: bool) -> No
     serve.start(http_options={"host": config.host, "port": proxy_port})
 
 
+def local_gpus() -> int:
+    """GPUs this machine's torch can see (0 with a CPU build of torch)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def engine_settings(args: argparse.Namespace) -> dict:
     """The engine flags that were given; the rest keep EngineConfig's defaults."""
     kv_mb = getattr(args, "kv_cache_mb", None)
     values = {
         "dtype": args.dtype,
+        "device": args.device,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager or None,
         "kv_cache_bytes": kv_mb * 2**20 if kv_mb else None,
         "max_num_seqs": getattr(args, "max_num_seqs", None),
         "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", None),
@@ -208,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    add_device_flags(p)
     p.add_argument("--kv-cache-mb", type=int, help="KV pool size (default: 512 MiB on CPU)")
     p.add_argument("--max-model-len", type=int)
     p.set_defaults(func=cmd_generate)
@@ -223,7 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs (and compute threads) per worker; default on CPU: this machine's cores "
         "split among the workers",
     )
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="GPUs each worker reserves (default: 1 with --device cuda or when this machine "
+        "has GPUs, else 0)",
+    )
     p.add_argument("--redis-url", help="share the prefix index in Redis (default: embedded)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -239,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="after a stream's first token, at most one message per this many ms (default 50; "
         "0: every step's tokens at once)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    add_device_flags(p)
     p.add_argument("--kv-cache-mb", type=int, help="KV pool per worker (default: 512 MiB on CPU)")
     p.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, help="most tokens in one step (2048)")
@@ -254,6 +272,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (the worker's GPU when CUDA is available, else CPU), cpu, cuda",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto (default): bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument(
+        "--attention-backend",
+        choices=["auto", "torch", "triton", "flash_attn"],
+        help="auto (default): flash_attn if installed, else triton, on CUDA; torch on CPU",
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,16 @@ class ClusterConfig(BaseModel):
             data = {**data, "engine": {**engine, "model": data.get("model")}}
         return data
 
+    @model_validator(mode="after")
+    def _gpu_engines_reserve_gpus(self) -> ClusterConfig:
+        """Ray hides the GPUs from an actor that reserves none, so a CUDA engine needs one."""
+        if self.engine.device.startswith("cuda") and self.num_gpus_per_worker <= 0:
+            raise ValueError(
+                f"engine.device {self.engine.device!r} needs num_gpus_per_worker >= 1 (Ray "
+                "shows a worker only the GPUs it reserves); or use device 'auto'"
+            )
+        return self
+
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model

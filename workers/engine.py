@@ -17,6 +17,7 @@ import torch
 from kvstore.kv_payload import BlockPayload
 from kvstore.messages import RequestDelta, TokenLogprobs
 from kvstore.sampling_params import SamplingParams
+from workers.attention.selector import make_attention_backend
 from workers.batching_policy import (
     AdaptiveBatchingPolicy,
     BatchingPolicy,
@@ -24,9 +25,12 @@ from workers.batching_policy import (
     StepTimeModel,
 )
 from workers.block_pool import BlockPool
+from workers.cuda_graphs import DecodeGraphs
+from workers.device import resolve_device, resolve_dtype
 from workers.engine_config import EngineConfig
 from workers.kv_cache import KVCacheManager
 from workers.kv_transfer import KVTransfer
+from workers.memory_profile import profiled_kv_budget
 from workers.model.config import ModelConfig
 from workers.model.loader import load_model
 from workers.model.paged_cache import allocate_kv_cache, num_blocks_for_budget
@@ -49,10 +53,16 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         torch.manual_seed(config.seed)
-        self.dtype = config.torch_dtype
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.tokenizer = Tokenizer.from_pretrained(config.model)
-        self.model = load_model(config.model, dtype=self.dtype, device=config.device)
+        self.attention = make_attention_backend(
+            config.attention_backend, self.device, config.block_size
+        )
+        self.model = load_model(
+            config.model, dtype=self.dtype, device=self.device, backend=self.attention
+        )
         self.max_model_len = min(
             config.max_model_len or self.model_config.max_position_embeddings,
             self.model_config.max_position_embeddings,
@@ -61,7 +71,7 @@ class Engine:
             self.model_config, config.block_size, self.dtype, self._kv_budget()
         )
         self.kv_caches = allocate_kv_cache(
-            self.model_config, num_blocks, config.block_size, self.dtype, config.device
+            self.model_config, num_blocks, config.block_size, self.dtype, self.device
         )
         pool = BlockPool(num_blocks, enable_caching=config.enable_prefix_caching)
         self.kv = KVCacheManager(pool, config.block_size)
@@ -83,6 +93,8 @@ class Engine:
             config.max_num_seqs,
             self.max_model_len,
         )
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.graphs = self._capture_decode_graphs()
         self.sampler = Sampler()
         self.transfer = (
             KVTransfer(self.kv, self.kv_caches, config.kv_share_after)
@@ -97,12 +109,33 @@ class Engine:
         self.counters = {"steps": 0, "scheduled_tokens": 0, "generation_tokens": 0}
 
     def _kv_budget(self) -> int:
-        if self.config.kv_cache_bytes is not None:
-            return self.config.kv_cache_bytes
-        if torch.device(self.config.device).type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.config.device)
-            return int(free * self.config.gpu_memory_utilization)
-        return 512 * 2**20
+        """Bytes for the KV pool: as configured; on CUDA what a profiling forward pass at the
+        largest batch leaves of `gpu_memory_utilization` of the GPU; 512 MiB on CPU."""
+        config = self.config
+        if config.kv_cache_bytes is not None:
+            return config.kv_cache_bytes
+        if self.device.type != "cuda":
+            return 512 * 2**20
+        return profiled_kv_budget(
+            self.model,
+            self.device,
+            config.gpu_memory_utilization,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            config.block_size,
+        )
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        if not self.attention.supports_cuda_graphs:
+            return None  # the torch backend plans on the host inside forward
+        return DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.attention,
+            self.config.max_num_seqs,
+            self.max_model_len,
+            self.config.block_size,
+        )
 
     def _batching_policy(self) -> BatchingPolicy:
         config = self.config
@@ -122,7 +155,7 @@ class Engine:
             draft = DraftModelProposer(
                 spec.model,
                 self.dtype,
-                self.config.device,
+                self.device,
                 self.config.block_size,
                 spec.draft_num_blocks or num_blocks,
                 self.config.max_num_seqs,
@@ -159,7 +192,7 @@ class Engine:
             params=params,
             arrival_time=time.monotonic(),
             priority=priority,
-            generator=make_generator(params.seed, self.config.device),
+            generator=make_generator(params.seed, self.device),
             block_hashes=list(block_hashes or ()),
             block_size=self.config.block_size,
             hash_key=self.hash_key,

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(config=ConfigDict(extra="forbid"), slots=True)
@@ -23,10 +20,20 @@ class EngineConfig:
         description="Identity of the weights, part of every block hash (workers and router "
         "must agree on it); default: the model directory.",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype; float32 on CPU (bfloat16 is slow there)."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto: bfloat16 on CUDA, float32 on CPU."
     )
-    device: str = "cpu"
+    device: str = Field(
+        "auto", description="auto (the replica's GPU when CUDA is available, else CPU), cpu, cuda."
+    )
+    attention_backend: Literal["auto", "torch", "triton", "flash_attn"] = Field(
+        "auto",
+        description="Paged attention kernels; auto: flash_attn if installed, else triton, on "
+        "CUDA; torch (with the native CPU kernel) on CPU.",
+    )
+    enforce_eager: bool = Field(
+        False, description="No CUDA graphs: every decode step runs eagerly."
+    )
     block_size: int = Field(16, ge=1, description="Tokens per KV block.")
     kv_cache_bytes: int | None = Field(
         None,
@@ -58,7 +65,3 @@ class EngineConfig:
         None, ge=1, description="CPU threads for compute (default: torch's setting)."
     )
     seed: int = 0
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]

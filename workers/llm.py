@@ -13,7 +13,7 @@ class LLM:
     def __init__(
         self,
         model: str,
-        dtype: str = "float32",
+        dtype: str = "auto",
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         speculative: dict | None = None,

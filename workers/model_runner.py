@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from workers.attention.base import AttentionMetadata
+from workers.cuda_graphs import DecodeGraphs
 from workers.kv_cache import KVCacheManager
 
 
@@ -77,6 +78,7 @@ class ModelRunner:
         self._row_of: dict[str, int] = {}
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self._arange = np.arange(max(max_model_len, max_num_batched_tokens), dtype=np.int64)
+        self.graphs: DecodeGraphs | None = None  # replays pure-decode steps when set
 
     def prepare_inputs(
         self,
@@ -128,6 +130,9 @@ class ModelRunner:
 
     def execute(self, inputs: ModelInputs) -> torch.Tensor:
         """One forward pass; float32 logits of the requested rows, in order."""
+        graphs = self.graphs
+        if graphs is not None and graphs.can_run(inputs.meta, len(inputs.logits_indices)):
+            return graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         with torch.inference_mode():
             return self.model(
                 inputs.input_ids,

@@ -26,6 +26,17 @@ class AttentionMetadata:
     seq_lens_list: list[int] = field(default_factory=list)
     # A backend stores its per-step plan here once, and every layer reuses it.
     plan: object | None = None
+    # query_start_loc and seq_lens on the cache's device, for kernels that read them there
+    # (the host tensors themselves on the CPU).
+    device_query_start_loc: torch.Tensor | None = None
+    device_seq_lens: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        device = self.slot_mapping.device
+        if self.device_query_start_loc is None:
+            self.device_query_start_loc = self.query_start_loc.to(device)
+        if self.device_seq_lens is None:
+            self.device_seq_lens = self.seq_lens.to(device)
 
     @classmethod
     def build(
@@ -71,6 +82,14 @@ class AttentionBackend(ABC):
     """Computes causal attention of a step's queries over each sequence's paged context."""
 
     name: str = "abstract"
+    # Whether a forward pass can be captured in a CUDA graph (no host work inside forward).
+    supports_cuda_graphs: bool = False
+
+    def prepare_graph(self, meta: AttentionMetadata) -> None:
+        """Called before the warm-up and again before the capture of a CUDA graph over
+        `meta`'s static buffers: by default the plan is dropped, so it is rebuilt inside the
+        capture from the static device tensors (and replayed with them)."""
+        meta.plan = None
 
     @abstractmethod
     def forward(
