@@ -5,7 +5,8 @@ sequences are concatenated, and the attention backend maps each to its sequence'
 Projections are fused (q/k/v in one matmul, gate/up in another) because on a CPU the number of
 matmuls, not only their size, costs time. The residual stream is carried beside the layer
 output, so each residual add is fused with the RMSNorm after it; on float32 CPU tensors those
-norms, the rotary embedding and SiLU-times-up run as single-pass C kernels (cpu_ops).
+norms, the rotary embedding and SiLU-times-up run as single-pass C kernels (cpu_ops), and on
+CUDA tensors as Triton kernels (triton_ops).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.base import AttentionBackend, AttentionMetadata
-from workers.model import cpu_ops
+from workers.model import cpu_ops, triton_ops
 from workers.model.config import ModelConfig
 from workers.model.linear import Linear, linear
 from workers.model.rope import RotaryEmbedding
@@ -34,6 +35,10 @@ class RMSNorm(nn.Module):
         if cpu_ops.usable(x):
             return cpu_ops.add_rms_norm(x, residual, self.weight, self.eps), (
                 x if residual is None else residual  # the C kernel added x into it in place
+            )
+        if x.is_cuda and triton_ops.usable(x):
+            return triton_ops.add_rms_norm(x, residual, self.weight, self.eps), (
+                x if residual is None else residual  # so did the Triton kernel
             )
         h = x if residual is None else residual + x
         h32 = h.float()
@@ -81,6 +86,8 @@ class MLP(nn.Module):
         gate_up = self.gate_up_proj(x)
         if cpu_ops.usable(gate_up):
             return self.down_proj(cpu_ops.silu_mul(gate_up))
+        if gate_up.is_cuda and triton_ops.usable(gate_up):
+            return self.down_proj(triton_ops.silu_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from workers.model import cpu_ops
+from workers.model import cpu_ops, triton_ops
 from workers.model.config import ModelConfig
 
 
@@ -47,9 +47,12 @@ class RotaryEmbedding(torch.nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate q [T, Hq, D] and k [T, Hkv, D] by their tokens' positions (in place on
-        float32 CPU tensors)."""
+        float32 CPU tensors and on CUDA tensors)."""
         if cpu_ops.usable(q) and self.cos.dtype == torch.float32:
             cpu_ops.rotary(q, k, positions, self.cos, self.sin)
+            return q, k
+        if q.is_cuda and triton_ops.usable(q) and self.cos.dtype == torch.float32:
+            triton_ops.rotary(q, k, positions, self.cos, self.sin)
             return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
