@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from workers.model.make_model import make_model
+# Triton's interpreter runs its kernels on CPU tensors; it must be on before anything imports
+# triton (transformers does, through torch._dynamo), since triton reads it when wrapping
+# kernels, its own library's included. The model uses Triton only on CUDA tensors.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from workers.model.make_model import make_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -68,8 +68,9 @@ class ModelRunner:
         self._pos = _Buffer((max_num_batched_tokens,), device)
         self._slots = _Buffer((max_num_batched_tokens,), device)
         self._logit_rows = _Buffer((max_num_batched_tokens,), device)
-        self._starts = np.zeros(max_num_seqs + 1, np.int64)
-        self._seq_lens = np.zeros(max_num_seqs, np.int64)
+        self._starts_buf = _Buffer((max_num_seqs + 1,), device)
+        self._seq_lens_buf = _Buffer((max_num_seqs,), device)
+        self._starts, self._seq_lens = self._starts_buf.host, self._seq_lens_buf.host
         self._batch_rows = np.zeros(max_num_seqs, np.int64)
         # Persistent block tables: one row per live sequence, written incrementally.
         self._tables = np.zeros((max_num_seqs, max_blocks), np.int64)
@@ -123,6 +124,8 @@ class ModelRunner:
             block_size=self.block_size,
             query_lens_list=[len(t) for t in new_token_ids],
             seq_lens_list=self._seq_lens[:num_seqs].tolist(),
+            device_query_start_loc=self._starts_buf.take(num_seqs + 1),
+            device_seq_lens=self._seq_lens_buf.take(num_seqs),
         )
         return ModelInputs(
             self._ids.take(total), self._pos.take(total), meta, self._logit_rows.take(num_rows)
