@@ -1,4 +1,5 @@
-"""Builds the Ray Serve application: an HTTP ingress in front of N worker replicas."""
+"""Builds the Ray Serve application: an HTTP ingress in front of N worker replicas, or for one
+worker a single replica that is both."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from cluster.colocated import ColocatedServer
 from cluster.config import ClusterConfig
 from router.ingress import Ingress
 from router.prefix_router import PrefixAwareRequestRouter
@@ -17,25 +19,55 @@ from workers.model.tokenizer import Tokenizer
 
 WORKER_DEPLOYMENT = "MantaWorker"
 INGRESS_DEPLOYMENT = "MantaIngress"
+COLOCATED_DEPLOYMENT = "MantaServer"
 
 
 def build_app(config: ClusterConfig) -> Application:
+    """The ingress in front of N worker replicas; with one worker (and `colocate_single_worker`)
+    one replica that is both (cluster/colocated.py)."""
     model_config = ModelConfig.from_pretrained(config.model)
     engine_config = config.engine_config()
-    max_model_len = min(
-        engine_config.max_model_len or model_config.max_position_embeddings,
-        model_config.max_position_embeddings,
-    )
+    frontend = {
+        "model_name": config.model_name,
+        "model_id": config.model_name,
+        "max_model_len": min(
+            engine_config.max_model_len or model_config.max_position_embeddings,
+            model_config.max_position_embeddings,
+        ),
+        "block_size": config.engine.block_size,
+        "affinity_prefix_tokens": config.router.affinity_prefix_tokens,
+    }
+    tokenizer_factory = functools.partial(Tokenizer.from_pretrained, config.model)
+    worker_kwargs = {
+        "publish_interval_s": config.publish_interval_s,
+        "max_waiting": config.max_ongoing_requests,
+        "stream_interval_s": config.stream_interval_s,
+    }
+    shared = {"redis_url": config.redis_url, "index_ttl_s": config.index_ttl_s}
+    if config.num_workers == 1 and config.colocate_single_worker:
+        server = serve.deployment(serve.ingress(None)(ColocatedServer)).options(
+            name=COLOCATED_DEPLOYMENT,
+            num_replicas=1,
+            max_ongoing_requests=4096,
+            ray_actor_options=worker_resources(config),
+            health_check_period_s=5.0,
+            graceful_shutdown_timeout_s=5.0,
+        )
+        return server.bind(
+            engine_config,
+            tokenizer_factory,
+            frontend,
+            retry_after_s=config.retry_after_s,
+            **shared,
+            **worker_kwargs,
+        )
     router_kwargs = config.router.model_dump(exclude={"affinity_prefix_tokens"})
     worker = serve.deployment(WorkerDeployment).options(
         name=WORKER_DEPLOYMENT,
         num_replicas=config.num_workers,
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
-        ray_actor_options={
-            "num_cpus": config.num_cpus_per_worker,
-            "num_gpus": config.num_gpus_per_worker,
-        },
+        ray_actor_options=worker_resources(config),
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAwareRequestRouter,
             request_router_kwargs=router_kwargs,
@@ -44,15 +76,7 @@ def build_app(config: ClusterConfig) -> Application:
         health_check_period_s=5.0,
         graceful_shutdown_timeout_s=5.0,
     )
-    workers = worker.bind(
-        engine_config,
-        namespace=config.model_name,
-        redis_url=config.redis_url,
-        index_ttl_s=config.index_ttl_s,
-        publish_interval_s=config.publish_interval_s,
-        max_waiting=config.max_ongoing_requests,
-        stream_interval_s=config.stream_interval_s,
-    )
+    workers = worker.bind(engine_config, namespace=config.model_name, **shared, **worker_kwargs)
     ingress = serve.deployment(serve.ingress(None)(Ingress)).options(
         name=INGRESS_DEPLOYMENT,
         num_replicas=1,
@@ -60,17 +84,12 @@ def build_app(config: ClusterConfig) -> Application:
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(
-        workers,
-        functools.partial(Tokenizer.from_pretrained, config.model),
-        model_name=config.model_name,
-        model_id=config.model_name,
-        max_model_len=max_model_len,
-        block_size=config.engine.block_size,
-        redis_url=config.redis_url,
-        index_ttl_s=config.index_ttl_s,
-        affinity_prefix_tokens=config.router.affinity_prefix_tokens,
-        retry_after_s=config.retry_after_s,
+        workers, tokenizer_factory, frontend, retry_after_s=config.retry_after_s, **shared
     )
+
+
+def worker_resources(config: ClusterConfig) -> dict[str, float]:
+    return {"num_cpus": config.num_cpus_per_worker, "num_gpus": config.num_gpus_per_worker}
 
 
 def app_builder(args: dict) -> Application:

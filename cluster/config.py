@@ -69,6 +69,11 @@ class ClusterConfig(BaseModel):
         "(tokens made meanwhile travel together): less per-token work in every process on "
         "the way; 0 sends every step's tokens at once.",
     )
+    colocate_single_worker: bool = Field(
+        True,
+        description="With one worker, run the ingress and the engine in one replica: no Ray "
+        "hop per streamed delta (there is nothing to route between).",
+    )
     engine: EngineConfig = Field(
         description="The workers' engine settings (workers.engine_config.EngineConfig); its "
         "`model` is always this config's `model`."

@@ -68,44 +68,46 @@ class ServeBackend:
                     response.cancel()
 
 
+def serve_app(frontend: Frontend, retry_after_s: int):
+    """The FastAPI app of an ingress replica over its frontend."""
+    app = create_app()
+    app.state.frontend, app.state.metrics, app.state.retry_after_s = (
+        frontend,
+        Metrics(),
+        retry_after_s,
+    )
+    return app
+
+
 class Ingress:
     """Wrapped by `serve.ingress(None)` and `serve.deployment` in cluster/app.py; Serve asks
-    `__serve_build_asgi_app__` for the app once the replica is constructed."""
+    `__serve_build_asgi_app__` for the app once the replica is constructed. `frontend`: the
+    Frontend's keyword settings (model_name, model_id, max_model_len, block_size, ...)."""
 
     def __init__(
         self,
         worker_handle: DeploymentHandle,
         tokenizer_factory: Callable[[], Any],
+        frontend: dict[str, Any],
         *,
-        model_name: str,
-        model_id: str,
-        max_model_len: int,
-        block_size: int,
         redis_url: str | None,
         index_ttl_s: float,
-        affinity_prefix_tokens: int,
         retry_after_s: int,
     ) -> None:
+        model_id = frontend["model_id"]
         index = (
             make_index(redis_url, model_id, index_ttl_s)
             if redis_url
             else ActorPrefixIndex(model_id, index_ttl_s)
         )
-        frontend = Frontend(
+        self._frontend = Frontend(
             tokenizer_factory(),
             ServeBackend(worker_handle),
             index,
-            model_name=model_name,
-            model_id=model_id,
-            max_model_len=max_model_len,
-            block_size=block_size,
-            affinity_prefix_tokens=affinity_prefix_tokens,
             is_worker_failure=is_worker_failure,
+            **frontend,
         )
-        self._state = {"frontend": frontend, "metrics": Metrics(), "retry_after_s": retry_after_s}
+        self._retry_after_s = retry_after_s
 
     def __serve_build_asgi_app__(self):
-        app = create_app()
-        for key, value in self._state.items():
-            setattr(app.state, key, value)
-        return app
+        return serve_app(self._frontend, self._retry_after_s)

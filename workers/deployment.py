@@ -1,4 +1,4 @@
-"""A worker as a Ray Serve deployment: one engine per replica, streaming deltas to the router.
+"""A worker: one engine, streaming deltas to the router; and the Ray Serve deployment around it.
 
 Serve gives health checks, replica restarts and autoscaling for free, and its pluggable request
 router lets the front pick the replica per request (see router/prefix_router.py), which is why
@@ -33,24 +33,25 @@ from workers.model.paged_cache import kv_block_bytes
 logger = logging.getLogger(__name__)
 
 
-class WorkerDeployment:
-    async def __init__(
+class Worker:
+    """One engine and what it shares: KV events and load to the prefix index, hot prompt
+    blocks to the block store. A `WorkerDeployment` replica holds one; so does a co-located
+    ingress (cluster/colocated.py), which calls `generate` in its own process."""
+
+    def __init__(
         self,
         engine_config: EngineConfig,
+        worker_id: str,
+        index: PrefixIndex,
         namespace: str,
         redis_url: str | None = None,
-        index_ttl_s: float = 15.0,
         publish_interval_s: float = 0.2,
         max_waiting: int = 256,
         stream_interval_s: float = 0.0,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
-        self.worker_id = serve.get_replica_context().replica_id.unique_id
-        self.index: PrefixIndex = (
-            make_index(redis_url, namespace, index_ttl_s)
-            if redis_url
-            else ActorPrefixIndex(namespace, index_ttl_s)
-        )
+        self.worker_id = worker_id
+        self.index = index
         self.max_waiting = max_waiting
         self.publish_interval_s = publish_interval_s
         self.stream_interval_s = stream_interval_s
@@ -128,7 +129,7 @@ class WorkerDeployment:
             self.load_cost.observe(got, time.perf_counter() - started)
         return payloads or None
 
-    def record_routing_stats(self) -> dict[str, float]:
+    def routing_stats(self) -> dict[str, float]:
         stats = self.engine.stats()
         return {
             "num_running": stats["num_requests_running"],
@@ -136,15 +137,51 @@ class WorkerDeployment:
             "kv_usage": stats["kv_cache_usage"],
         }
 
-    async def stats(self) -> dict:
+    def stats(self) -> dict:
         return {"worker_id": self.worker_id, **self.engine.stats()}
 
     def check_health(self) -> None:
         if not self.engine.alive:
             raise RuntimeError("the engine loop has stopped")
 
-    async def __del__(self) -> None:
+    async def close(self) -> None:
         self._publisher.cancel()
         with contextlib.suppress(Exception):
             await self.index.remove_worker(self.worker_id)
         self.engine.shutdown()
+
+
+class WorkerDeployment:
+    """The Serve replica around a `Worker`: the router streams `generate` from it."""
+
+    async def __init__(
+        self,
+        engine_config: EngineConfig,
+        namespace: str,
+        redis_url: str | None = None,
+        index_ttl_s: float = 15.0,
+        **options,  # Worker's publish_interval_s, max_waiting, stream_interval_s
+    ) -> None:
+        index: PrefixIndex = (
+            make_index(redis_url, namespace, index_ttl_s)
+            if redis_url
+            else ActorPrefixIndex(namespace, index_ttl_s)
+        )
+        replica_id = serve.get_replica_context().replica_id.unique_id
+        self.worker = Worker(engine_config, replica_id, index, namespace, redis_url, **options)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
+        async for delta in self.worker.generate(request):
+            yield delta
+
+    def record_routing_stats(self) -> dict[str, float]:
+        return self.worker.routing_stats()
+
+    async def stats(self) -> dict:
+        return self.worker.stats()
+
+    def check_health(self) -> None:
+        self.worker.check_health()
+
+    async def __del__(self) -> None:
+        await self.worker.close()
