@@ -327,7 +327,8 @@ def paged_attention(
         BLOCK_D=max(MIN_DOT, _pow2(head_dim)),
         NUM_SPLITS=num_splits,
         USE_WINDOW=sliding_window is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        # float32 stays exact (no TF32); half-precision dots have one precision anyway.
+        PRECISION="ieee" if query.dtype == torch.float32 else None,
         # Triton's CPU interpreter computes half-precision dots wrongly: upcast there.
         DOT_IN_F32=query.device.type == "cpu",
     )
