@@ -17,9 +17,8 @@ import uvicorn
 
 from kvstore.index import InMemoryPrefixIndex
 from kvstore.messages import GenerateRequest, RequestDelta
-from router.api import create_app
+from router.api import ServerState, create_app
 from router.frontend import Frontend
-from router.metrics import Metrics
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
 
@@ -61,8 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_model_len=engine.engine.max_model_len,
         block_size=engine.engine.config.block_size,
     )
-    app = create_app()
-    app.state.frontend, app.state.metrics, app.state.retry_after_s = frontend, Metrics(), 1
+    app = create_app(ServerState(frontend))
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -36,6 +36,7 @@ def build_app(config: ClusterConfig) -> Application:
         ),
         "block_size": config.engine.block_size,
         "affinity_prefix_tokens": config.router.affinity_prefix_tokens,
+        "special_tokens_in_content": config.special_tokens_in_content,
     }
     tokenizer_factory = functools.partial(Tokenizer.from_pretrained, config.model)
     worker_kwargs = {
@@ -54,13 +55,9 @@ def build_app(config: ClusterConfig) -> Application:
             graceful_shutdown_timeout_s=5.0,
         )
         return server.bind(
-            engine_config,
-            tokenizer_factory,
-            frontend,
-            retry_after_s=config.retry_after_s,
-            **shared,
+            engine_config, tokenizer_factory, frontend, config.http_settings(), **shared,
             **worker_kwargs,
-        )
+        )  # fmt: skip
     router_kwargs = config.router.model_dump(exclude={"affinity_prefix_tokens"})
     worker = serve.deployment(WorkerDeployment).options(
         name=WORKER_DEPLOYMENT,
@@ -83,9 +80,7 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=4096,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(
-        workers, tokenizer_factory, frontend, retry_after_s=config.retry_after_s, **shared
-    )
+    return ingress.bind(workers, tokenizer_factory, frontend, config.http_settings(), **shared)
 
 
 def worker_resources(config: ClusterConfig) -> dict[str, float]:

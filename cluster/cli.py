@@ -84,6 +84,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if cpus is None:  # CPU workers split this machine's cores; GPU workers need few
         cpus = 1.0 if gpus else max(1.0, (os.cpu_count() or 1) / args.workers)
     given = {}  # flags left unset keep ClusterConfig's defaults
+    keys = list(args.api_key or [])
+    if os.environ.get("MANTA_API_KEYS"):
+        keys.append(os.environ["MANTA_API_KEYS"])
+    if keys:
+        given["api_keys"] = keys
+    if args.rate_limit_rps is not None:
+        given["rate_limit_rps"] = args.rate_limit_rps
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     config = ClusterConfig(
@@ -161,6 +168,7 @@ def engine_settings(args: argparse.Namespace) -> dict:
         "device": args.device,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager or None,
+        "kv_store_secret": getattr(args, "kv_store_secret", None),
         "kv_cache_bytes": kv_mb * 2**20 if kv_mb else None,
         "max_num_seqs": getattr(args, "max_num_seqs", None),
         "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", None),
@@ -256,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="after a stream's first token, at most one message per this many ms (default 50; "
         "0: every step's tokens at once)",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY[:TENANT]",
+        help="require `Authorization: Bearer KEY` on /v1 (repeatable; also MANTA_API_KEYS, "
+        "comma-separated); TENANT isolates that key's prefix cache",
+    )
+    p.add_argument("--rate-limit-rps", type=float, help="requests per second per tenant")
+    p.add_argument(
+        "--kv-store-secret",
+        help="key of the MAC on every shared KV payload (or MANTA_KV_STORE_SECRET); with "
+        "--redis-url, workers share hot prompt KV only when it is set",
     )
     add_device_flags(p)
     p.add_argument("--kv-cache-mb", type=int, help="KV pool per worker (default: 512 MiB on CPU)")

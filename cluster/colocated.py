@@ -42,10 +42,10 @@ class ColocatedServer:
         engine_config: EngineConfig,
         tokenizer_factory: Callable[[], Any],
         frontend: dict[str, Any],
+        http: dict[str, Any],
         *,
         redis_url: str | None,
         index_ttl_s: float,
-        retry_after_s: int,
         **options,  # Worker's publish_interval_s, max_waiting, stream_interval_s
     ) -> None:
         model_id = frontend["model_id"]
@@ -57,10 +57,10 @@ class ColocatedServer:
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.worker = Worker(engine_config, replica_id, index, model_id, redis_url, **options)
         self._frontend = Frontend(tokenizer_factory(), LocalBackend(self.worker), index, **frontend)
-        self._retry_after_s = retry_after_s
+        self._http = http
 
     def __serve_build_asgi_app__(self):
-        return serve_app(self._frontend, self._retry_after_s)
+        return serve_app(self._frontend, self._http)
 
     def check_health(self) -> None:
         self.worker.check_health()

@@ -7,10 +7,12 @@ then receives only the few numbers it needs (`engine_config()`, `router_settings
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from router.auth import parse_api_keys
 from workers.engine_config import EngineConfig
 
 
@@ -60,6 +62,21 @@ class ClusterConfig(BaseModel):
         256, ge=-1, description="Requests waiting for a worker at the router before 429."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429.")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="`KEY[:TENANT]` entries; with any, /v1 needs `Authorization: Bearer KEY`. "
+        "Also read from MANTA_API_KEYS (comma-separated) by `manta serve`.",
+    )
+    rate_limit_rps: float | None = Field(
+        None, gt=0, description="Requests per second per tenant (token bucket); None: no limit."
+    )
+    rate_limit_burst: int = Field(16, ge=1, description="Requests a tenant may send at once.")
+    max_request_body_bytes: int = Field(4 * 2**20, ge=1024, description="Larger bodies get 413.")
+    special_tokens_in_content: bool = Field(
+        False,
+        description="Read special tokens typed in chat messages as control tokens (by default "
+        "they are text, so a message cannot forge a turn).",
+    )
     index_ttl_s: float = Field(15.0, gt=0, description="A silent worker's index entries expire.")
     publish_interval_s: float = Field(0.2, gt=0, description="How often workers publish events.")
     stream_interval_s: float = Field(
@@ -90,8 +107,17 @@ class ClusterConfig(BaseModel):
                 engine = dataclasses.asdict(engine)
             if "model" in engine and engine["model"] != data.get("model"):
                 raise ValueError("set the model once, at the top level, not under engine")
-            data = {**data, "engine": {**engine, "model": data.get("model")}}
+            engine = {**engine, "model": data.get("model")}
+            if not engine.get("kv_store_secret") and os.environ.get("MANTA_KV_STORE_SECRET"):
+                engine["kv_store_secret"] = os.environ["MANTA_KV_STORE_SECRET"]
+            data = {**data, "engine": engine}
         return data
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_parse(cls, value: list[str]) -> list[str]:
+        parse_api_keys(value)  # a malformed key fails at start, not at the first request
+        return value
 
     @model_validator(mode="after")
     def _gpu_engines_reserve_gpus(self) -> ClusterConfig:
@@ -102,6 +128,16 @@ class ClusterConfig(BaseModel):
                 "shows a worker only the GPUs it reserves); or use device 'auto'"
             )
         return self
+
+    def http_settings(self) -> dict[str, Any]:
+        """What the ingress's HTTP front needs (router/ingress.py serve_app)."""
+        return {
+            "retry_after_s": self.retry_after_s,
+            "api_keys": list(self.api_keys),
+            "rate_limit_rps": self.rate_limit_rps,
+            "rate_limit_burst": self.rate_limit_burst,
+            "max_request_body_bytes": self.max_request_body_bytes,
+        }
 
     @property
     def model_name(self) -> str:
@@ -114,6 +150,6 @@ class ClusterConfig(BaseModel):
         return dataclasses.replace(
             self.engine,
             model_id=self.model_name,
-            enable_kv_sharing=self.redis_url is not None,
+            enable_kv_sharing=self.redis_url is not None and bool(self.engine.kv_store_secret),
             num_threads=self.engine.num_threads or threads,
         )

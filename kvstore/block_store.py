@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from kvstore.kv_payload import BlockPayload
+from kvstore.kv_payload import BlockPayload, PayloadError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class BlockStore:
         self.max_bytes = max_bytes
         self._retry_interval_s = retry_interval_s
         self._down_until = 0.0
+        self.num_corrupt = 0  # entries that did not parse
 
     def _key(self, block_hash: int) -> str:
         return f"{self._prefix}{block_hash}"
@@ -86,7 +87,15 @@ class BlockStore:
         except (RedisError, OSError) as error:
             self._fail(error)
             return [None] * len(block_hashes)
-        return [BlockPayload.decode(raw) if raw else None for raw in raws]
+        return [self._decode(raw) if raw else None for raw in raws]
+
+    def _decode(self, raw: bytes) -> BlockPayload | None:
+        """A stored entry as a payload; a corrupt one is a miss, counted, never an error."""
+        try:
+            return BlockPayload.decode(raw)
+        except PayloadError:
+            self.num_corrupt += 1
+            return None
 
     async def _evict(self, excess: int) -> None:
         """Drop least recently used entries, one at a time, until `excess` bytes are freed."""

@@ -15,7 +15,7 @@ from functools import cache
 import xxhash
 
 ROOT_HASH: int = 0
-"""Parent hash of a prompt's first block."""
+"""Parent hash of a prompt's first block (when no cache salt isolates it)."""
 
 _HEADER = struct.Struct("<QQ")
 
@@ -35,6 +35,15 @@ def hash_block(parent_hash: int, token_ids: Sequence[int], extra_key: bytes = b"
     return xxhash.xxh3_64_intdigest(payload)
 
 
+def salted_root(salt: str | None) -> int:
+    """The parent hash of a prompt's first block under a cache salt (a tenant's, a request's
+    `cache_salt`, or both joined): prompts under different salts share no block hash, so no
+    cache anywhere (worker, prefix index, block store) lets one see the other's prefixes."""
+    if not salt:
+        return ROOT_HASH
+    return xxhash.xxh3_64_intdigest(b"manta-cache-salt\0" + salt.encode("utf-8", "surrogatepass"))
+
+
 def hash_blocks(
     token_ids: Sequence[int],
     block_size: int,
@@ -52,11 +61,16 @@ def hash_blocks(
 
 
 def extend_block_hashes(
-    hashes: list[int], token_ids: Sequence[int], block_size: int, extra_key: bytes = b""
+    hashes: list[int],
+    token_ids: Sequence[int],
+    block_size: int,
+    extra_key: bytes = b"",
+    root: int = ROOT_HASH,
 ) -> None:
     """Append to ``hashes`` (the chained hashes of ``token_ids``' leading full blocks) the
-    hashes of the full blocks after them: a growing sequence is hashed once, a block at a time."""
-    parent = hashes[-1] if hashes else ROOT_HASH
+    hashes of the full blocks after them: a growing sequence is hashed once, a block at a time.
+    ``root``: the first block's parent (``salted_root``)."""
+    parent = hashes[-1] if hashes else root
     for start in range(len(hashes) * block_size, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size], extra_key)
         hashes.append(parent)

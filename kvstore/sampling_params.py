@@ -36,6 +36,9 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Mixed into the first block's hash (kvstore.hashing.salted_root): requests share cached
+    # prefixes only under the same salt. The router sets it from the tenant and `cache_salt`.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:

@@ -1,7 +1,13 @@
 """The OpenAI-compatible HTTP API: routes, server-sent event streams and error bodies.
 
-Routes read their per-replica state (`frontend`, `metrics`, `retry_after_s`) from `app.state`,
-which the ingress fills in, so one module-level-free app factory serves Ray Serve and tests.
+`create_app(frontend, ...)` builds one replica's app; its routes read their state (frontend,
+metrics, keys, limits) from `app.state`, so the same factory serves Ray Serve, the one-process
+server and tests. Every `/v1` request is checked before any work: header count and size,
+the API key (401), the tenant's rate (429), `application/json` bodies only (415) and the body
+size (413). JSON is parsed with bounded nesting and no lone surrogates; tokenizing and chat
+templates run off the event loop, so `/health` answers while a big prompt is encoded. Error
+bodies never carry tracebacks, paths or addresses: unexpected errors are logged under an id
+that the response names.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +30,7 @@ from kvstore.messages import (
     WorkerOverloadedError,
     WorkerUnavailableError,
 )
+from router.auth import AuthenticationError, Authenticator, RateLimitedError, RateLimiter
 from router.frontend import ContextLengthError, Frontend
 from router.metrics import Metrics
 from router.protocol import (
@@ -37,47 +46,158 @@ from router.responses import ChatFormatter, CompletionFormatter
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one HTTP request may ask of the server before any work is done for it."""
+
+    max_body_bytes: int = 4 * 2**20
+    max_headers: int = 64
+    max_header_bytes: int = 16 * 2**10
+    max_json_depth: int = 32
+
+
+@dataclass
+class ServerState:
+    frontend: Frontend
+    retry_after_s: int = 1
+    auth: Authenticator = field(default_factory=lambda: Authenticator({}))
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None, 1))
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    metrics: Metrics = field(default_factory=Metrics)
+
+
 class HTTPError(Exception):
-    def __init__(self, status: int, message: str, type: str, param=None, code=None) -> None:
+    def __init__(
+        self, status: int, message: str, type: str, param=None, code=None, retry_after=None
+    ) -> None:
         super().__init__(message)
         self.status, self.type, self.param, self.code = status, type, param, code
+        self.retry_after = retry_after
+
+
+def _reason(error: BaseException) -> str:
+    """The message of an error raised in a worker, without the traceback Ray wraps it in."""
+    cause = getattr(error, "cause", None)
+    error = cause if isinstance(cause, BaseException) else error
+    return str(error.args[0]) if error.args else type(error).__name__
 
 
 def _as_http_error(error: BaseException) -> HTTPError:
     if isinstance(error, HTTPError):
         return error
+    if isinstance(error, AuthenticationError):
+        return HTTPError(401, str(error), "invalid_request_error", None, "invalid_api_key")
+    if isinstance(error, RateLimitedError):
+        return HTTPError(
+            429, str(error), "rate_limit_error", None, "rate_limit_exceeded", error.retry_after_s
+        )
     if isinstance(error, ContextLengthError):
         return HTTPError(
             400, str(error), "invalid_request_error", "messages", "context_length_exceeded"
         )
     if isinstance(error, (RequestRejectedError, ValueError)):
-        return HTTPError(400, str(error), "invalid_request_error")
+        return HTTPError(400, _reason(error), "invalid_request_error")
     if isinstance(error, WorkerOverloadedError):
         return HTTPError(
             429, "The server is overloaded; retry later.", "rate_limit_error", None, "overloaded"
         )
     if isinstance(error, WorkerUnavailableError):
         return HTTPError(503, "No healthy worker is available.", "service_unavailable")
-    logger.error("request failed", exc_info=error)
-    return HTTPError(500, f"internal error: {type(error).__name__}", "internal_error")
+    incident = uuid.uuid4().hex[:16]
+    logger.error("request failed (incident %s)", incident, exc_info=error)
+    return HTTPError(500, f"Internal error (incident {incident}).", "internal_error")
 
 
 def _error_response(request: Request, error: HTTPError) -> JSONResponse:
+    state: ServerState = request.app.state.manta
     headers = {}
     if error.status == 429:
-        headers["Retry-After"] = str(request.app.state.retry_after_s)
-    request.app.state.metrics.requests.labels(str(error.status)).inc()
+        wait = error.retry_after if error.retry_after is not None else state.retry_after_s
+        headers["Retry-After"] = str(max(1, round(wait)))
+    state.metrics.requests.labels(str(error.status)).inc()
     return JSONResponse(
         error_body(str(error), error.type, error.param, error.code), error.status, headers=headers
     )
 
 
-async def _parse(request: Request, model_cls):
+def _guard(request: Request) -> str | None:
+    """Checks every `/v1` request passes before any work; returns its tenant."""
+    state: ServerState = request.app.state.manta
+    limits = state.limits
+    raw = request.headers.raw
+    if len(raw) > limits.max_headers or sum(len(k) + len(v) for k, v in raw) > (
+        limits.max_header_bytes
+    ):
+        raise HTTPError(431, "Request headers are too many or too large.", "invalid_request_error")
+    tenant = state.auth.tenant(request.headers.get("authorization"))
+    state.limiter.admit(tenant)
+    if request.method == "POST":
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise HTTPError(
+                415, "The request body must be JSON (Content-Type: application/json).",
+                "invalid_request_error",
+            )  # fmt: skip
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise _too_large(limits)
+    return tenant
+
+
+def _too_large(limits: RequestLimits) -> HTTPError:
+    return HTTPError(
+        413, f"The request body exceeds {limits.max_body_bytes} bytes.", "invalid_request_error"
+    )
+
+
+async def _read_body(request: Request, limits: RequestLimits) -> bytes:
+    """The body, refused as soon as it grows past the limit (chunked bodies included)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise _too_large(limits)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_json(value, max_depth: int) -> None:
+    """Nesting within bounds and no lone surrogates (which no tokenizer can encode)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > max_depth:
+            raise ValueError(f"the JSON body is nested deeper than {max_depth} levels")
+        if isinstance(item, str):
+            _check_text(item)
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                _check_text(key)
+                stack.append((inner, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((inner, depth + 1) for inner in item)
+
+
+def _check_text(text: str) -> None:
     try:
-        raw = json.loads(await request.body())
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the JSON body holds a lone surrogate, which is not valid text") from None
+
+
+async def _parse(request: Request, model_cls):
+    state: ServerState = request.app.state.manta
+    body_bytes = await _read_body(request, state.limits)
+    try:
+        raw = json.loads(body_bytes)
+        _check_json(raw, state.limits.max_json_depth)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPError(
             400, f"We could not parse the JSON body of your request: {e}", "invalid_request_error"
+        ) from None
+    except RecursionError:
+        raise HTTPError(
+            400, "The JSON body is nested too deeply.", "invalid_request_error"
         ) from None
     if not isinstance(raw, dict):
         raise HTTPError(400, "The request body must be a JSON object.", "invalid_request_error")
@@ -86,7 +206,7 @@ async def _parse(request: Request, model_cls):
     except ValidationError as e:
         err = validation_error_body(e.errors())["error"]
         raise HTTPError(400, err["message"], err["type"], err["param"]) from None
-    frontend: Frontend = request.app.state.frontend
+    frontend: Frontend = state.frontend
     if body.model != frontend.model_name:
         raise HTTPError(
             404,
@@ -148,26 +268,26 @@ async def _merged(
             task.cancel()
 
 
-async def _prepare(request: Request, body, prompts: list[list[int]]):
+async def _prepare(request: Request, body, prompts: list[list[int]], tenant: str | None):
     """One GenerateRequest per choice (prompt x n), each with its own seed when seeded."""
-    frontend: Frontend = request.app.state.frontend
+    state: ServerState = request.app.state.manta
     sampling = body.to_sampling_kwargs()
     n = sampling.pop("n")
     subs = []
     for ids in prompts:
         for j in range(n):
             seed = sampling["seed"]
-            child = {**sampling, "seed": None if seed is None else seed + j}
-            subs.append(await frontend.build_request(ids, child, body.priority))
+            # Child seeds wrap within the range generators take: seed + j never overflows.
+            child = {**sampling, "seed": None if seed is None else (seed + j) % 2**64}
+            subs.append(await state.frontend.build_request(ids, child, body.priority, tenant))
     start = time.perf_counter()
-    metrics = request.app.state.metrics
-    streams = [_timed(frontend.stream(sub), metrics, start) for sub in subs]
+    streams = [_timed(state.frontend.stream(sub), state.metrics, start) for sub in subs]
     return subs, streams
 
 
-async def _respond(request: Request, body, formatter, prompts: list[list[int]]) -> Response:
-    subs, streams = await _prepare(request, body, prompts)
-    metrics = request.app.state.metrics
+async def _respond(request: Request, body, formatter, prompts, tenant) -> Response:
+    subs, streams = await _prepare(request, body, prompts, tenant)
+    metrics = request.app.state.manta.metrics
     if not body.stream:
         async for index, delta in _merged(streams):
             formatter.add(index, delta)
@@ -201,36 +321,45 @@ async def _respond(request: Request, body, formatter, prompts: list[list[int]]) 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def create_app() -> FastAPI:
+def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Manta", docs_url=None, redoc_url=None)
+    app.state.manta = state
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
+            tenant = _guard(request)
             body = await _parse(request, CompletionRequest)
-            frontend: Frontend = request.app.state.frontend
-            prompts = [frontend.encode(p) for p in body.prompts()]
+            frontend = state.frontend
+            # Off the event loop: a long prompt must not hold up other requests or /health.
+            prompts = await asyncio.to_thread(lambda: [frontend.encode(p) for p in body.prompts()])
             formatter = CompletionFormatter(body, frontend, prompts)
-            return await _respond(request, body, formatter, prompts)
+            return await _respond(request, body, formatter, prompts, tenant)
         except Exception as error:
             return _error_response(request, _as_http_error(error))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         try:
+            tenant = _guard(request)
             body = await _parse(request, ChatCompletionRequest)
-            frontend: Frontend = request.app.state.frontend
+            frontend = state.frontend
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = frontend.render_chat(messages, add_generation_prompt=True)
+            prompt = await asyncio.to_thread(
+                frontend.render_chat, messages, add_generation_prompt=True
+            )
             formatter = ChatFormatter(body, frontend, [prompt])
-            return await _respond(request, body, formatter, [prompt])
+            return await _respond(request, body, formatter, [prompt], tenant)
         except Exception as error:
             return _error_response(request, _as_http_error(error))
 
     @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        name = request.app.state.frontend.model_name
-        return JSONResponse(ModelList(data=[ModelCard(id=name)]).model_dump())
+    async def models(request: Request) -> Response:
+        try:
+            _guard(request)
+        except Exception as error:
+            return _error_response(request, _as_http_error(error))
+        return JSONResponse(ModelList(data=[ModelCard(id=state.frontend.model_name)]).model_dump())
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -238,8 +367,10 @@ def create_app() -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        state = request.app.state
-        state.metrics.set_worker_stats(await state.frontend.worker_stats())
+        try:
+            state.metrics.set_worker_stats(await state.frontend.worker_stats())
+        except Exception:  # a corrupt worker entry in the index must not break /metrics
+            logger.exception("reading worker stats for /metrics failed")
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from kvstore.hashing import ROOT_HASH, hash_block, hash_blocks
+from kvstore.hashing import hash_block, hash_blocks, salted_root
 from kvstore.index import PrefixIndex
 from kvstore.messages import GenerateRequest, RequestDelta, RoutingHint, WorkerUnavailableError
 from kvstore.sampling_params import SamplingParams
@@ -25,6 +25,14 @@ class Backend(Protocol):
     """Where requests go: the worker deployment (or, in one process, an engine)."""
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]: ...
+
+
+def cache_salt(tenant: str | None, salt: str | None) -> str | None:
+    """One salt from the tenant (set by the API key) and the request's own `cache_salt`: a
+    client's salt can split its tenant's cache further but never reach another tenant's."""
+    if tenant is None and salt is None:
+        return None
+    return f"{len(tenant or '')}:{tenant or ''}|{salt or ''}"
 
 
 class ContextLengthError(ValueError):
@@ -45,6 +53,7 @@ class Frontend:
         affinity_prefix_tokens: int = 64,
         max_retries: int = 2,
         is_worker_failure: Callable[[BaseException], bool] = lambda e: False,
+        special_tokens_in_content: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
@@ -56,6 +65,7 @@ class Frontend:
         self.affinity_prefix_tokens = affinity_prefix_tokens
         self.max_retries = max_retries
         self.is_worker_failure = is_worker_failure
+        self.special_tokens_in_content = special_tokens_in_content
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -69,14 +79,18 @@ class Frontend:
     def render_chat(self, messages: list[dict], **template_kwargs: Any) -> list[int]:
         text = self.tokenizer.apply_chat_template(messages, **template_kwargs)
         # The template already holds the special tokens (BOS included), as transformers does.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        if self.special_tokens_in_content:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str)]
+        return self.tokenizer.encode_chat(text, contents)
 
     async def build_request(
-        self, token_ids: list[int], sampling: dict, priority: int = 0
+        self, token_ids: list[int], sampling: dict, priority: int = 0, tenant: str | None = None
     ) -> GenerateRequest:
         """Check the prompt fits, fill max_tokens if unset, validate the sampling settings
         (ValueError naming the problem), hash the prompt's blocks once (the worker reuses the
-        hashes) and attach the routing hint."""
+        hashes) and attach the routing hint. The tenant and the request's `cache_salt` salt
+        every hash, so tenants (and salts) never share cached KV anywhere in the cluster."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         room = self.max_model_len - len(token_ids)
@@ -88,15 +102,21 @@ class Frontend:
                 f"you requested {len(token_ids) + asked} tokens ({len(token_ids)} in the "
                 f"prompt, {asked} for the completion). Please reduce the prompt or max_tokens."
             )
+        salt = cache_salt(tenant, sampling.get("cache_salt"))
         params = SamplingParams(
-            **{**sampling, "max_tokens": max_tokens if max_tokens is not None else room}
+            **{
+                **sampling,
+                "max_tokens": max_tokens if max_tokens is not None else room,
+                "cache_salt": salt,
+            }
         )
-        hashes = hash_blocks(token_ids, self.block_size, self.hash_key)
+        root = salted_root(salt)
+        hashes = hash_blocks(token_ids, self.block_size, self.hash_key, root)
         matched = await self.index.match(hashes) if hashes else {}
         head = token_ids[: self.affinity_prefix_tokens]
         hint = RoutingHint(
             matched_blocks=matched,
-            affinity_key=hash_block(ROOT_HASH, head, self.hash_key),
+            affinity_key=hash_block(root, head, self.hash_key),
             block_size=self.block_size,
         )
         return GenerateRequest(uuid.uuid4().hex, token_ids, params, priority, hint, hashes)

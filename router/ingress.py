@@ -21,9 +21,9 @@ from kvstore.messages import (
     WorkerOverloadedError,
     WorkerUnavailableError,
 )
-from router.api import create_app
+from router.api import RequestLimits, ServerState, create_app
+from router.auth import Authenticator, RateLimiter, parse_api_keys
 from router.frontend import Frontend
-from router.metrics import Metrics
 
 
 def is_worker_failure(error: BaseException) -> bool:
@@ -68,15 +68,18 @@ class ServeBackend:
                     response.cancel()
 
 
-def serve_app(frontend: Frontend, retry_after_s: int):
-    """The FastAPI app of an ingress replica over its frontend."""
-    app = create_app()
-    app.state.frontend, app.state.metrics, app.state.retry_after_s = (
+def serve_app(frontend: Frontend, http: dict[str, Any]):
+    """The FastAPI app of an ingress replica over its frontend. `http`: retry_after_s,
+    api_keys (`KEY[:TENANT]` specs), rate_limit_rps, rate_limit_burst, max_request_body_bytes
+    (ClusterConfig.http_settings())."""
+    state = ServerState(
         frontend,
-        Metrics(),
-        retry_after_s,
+        retry_after_s=http.get("retry_after_s", 1),
+        auth=Authenticator(parse_api_keys(http.get("api_keys", ()))),
+        limiter=RateLimiter(http.get("rate_limit_rps"), http.get("rate_limit_burst", 1)),
+        limits=RequestLimits(max_body_bytes=http.get("max_request_body_bytes", 4 * 2**20)),
     )
-    return app
+    return create_app(state)
 
 
 class Ingress:
@@ -89,10 +92,10 @@ class Ingress:
         worker_handle: DeploymentHandle,
         tokenizer_factory: Callable[[], Any],
         frontend: dict[str, Any],
+        http: dict[str, Any],
         *,
         redis_url: str | None,
         index_ttl_s: float,
-        retry_after_s: int,
     ) -> None:
         model_id = frontend["model_id"]
         index = (
@@ -107,7 +110,7 @@ class Ingress:
             is_worker_failure=is_worker_failure,
             **frontend,
         )
-        self._retry_after_s = retry_after_s
+        self._http = http
 
     def __serve_build_asgi_app__(self):
-        return serve_app(self._frontend, self._retry_after_s)
+        return serve_app(self._frontend, self._http)

@@ -30,6 +30,13 @@ WORKER_METRICS = {
     "kv_exported_blocks": (
         "manta_kv_blocks_shared_total", "counter", "Prefix KV blocks published to the store."
     ),
+    "kv_import_rejected": (
+        "manta_kv_blocks_rejected_total", "counter",
+        "Shared KV blocks refused: MAC, dtype, shape or length did not verify.",
+    ),
+    "kv_store_corrupt": (
+        "manta_kv_store_corrupt_entries_total", "counter", "Block store entries that did not parse."
+    ),
     "spec_decode_proposed_tokens": (
         "manta_spec_decode_proposed_tokens_total", "counter", "Draft tokens proposed."
     ),
@@ -50,7 +57,9 @@ class _WorkerCollector:
             base = name.removesuffix("_total") if kind == "counter" else name
             family = family_cls(base, doc, labels=["worker"])
             for report in reports:
-                family.add_metric([str(report.get("worker_id", ""))], float(report.get(key, 0)))
+                value = report.get(key, 0)
+                if isinstance(value, (int, float)):  # an index entry is data, never trusted
+                    family.add_metric([str(report.get("worker_id", ""))], float(value))
             yield family
 
 
@@ -79,7 +88,9 @@ class Metrics:
         self.registry.register(_WorkerCollector(self))
 
     def set_worker_stats(self, reports: dict[str, dict]) -> None:
-        self._worker_stats = {w: {"worker_id": w, **stats} for w, stats in reports.items()}
+        self._worker_stats = {
+            w: {**stats, "worker_id": w} for w, stats in reports.items() if isinstance(stats, dict)
+        }
 
     def latest_worker_stats(self) -> list[dict]:
         return list(self._worker_stats.values())

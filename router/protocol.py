@@ -21,12 +21,17 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 FinishReason = Literal["stop", "length"]
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's legacy completions default; chat defaults to the rest of the context window."""
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_LENGTH = 1024  # characters per stop string: matching is linear, but bounded work
+MAX_CHOICES = 64  # prompts x n in one request: each choice is a request on a worker
+MAX_CACHE_SALT_LENGTH = 256
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch generators take; child seeds wrap within it
 
 # Known OpenAI parameters Manta does not implement, and the values that mean "not used".
 _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
@@ -81,7 +86,7 @@ class _SamplingRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = None
@@ -92,6 +97,12 @@ class _SamplingRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1, description="Manta extra")
     ignore_eos: bool = Field(False, description="Manta extra")
     priority: int = Field(0, description="Lower is scheduled first (Manta extra)")
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CACHE_SALT_LENGTH,
+        description="Requests share cached prefixes only under the same salt (vLLM extra).",
+    )
 
     @field_validator("stop")
     @classmethod
@@ -101,6 +112,8 @@ class _SamplingRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if not all(stops):
             raise ValueError("stop sequences must be non-empty strings")
+        if any(len(stop) > MAX_STOP_LENGTH for stop in stops):
+            raise ValueError(f"stop sequences may have at most {MAX_STOP_LENGTH} characters")
         return value
 
     @field_validator("stream_options")
@@ -141,6 +154,7 @@ class _SamplingRequest(BaseModel):
             "stop": self.stop,
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
+            "cache_salt": self.cache_salt,
         }
 
 
@@ -162,6 +176,13 @@ class CompletionRequest(_SamplingRequest):
         if any(isinstance(prompt, list) and min(prompt) < 0 for prompt in prompts):
             raise ValueError("prompt token ids must be >= 0")
         return value
+
+    @model_validator(mode="after")
+    def _check_fan_out(self) -> CompletionRequest:
+        count, n = len(self.prompts()), self.n or 1
+        if count * n > MAX_CHOICES:
+            raise ValueError(f"prompts x n may be at most {MAX_CHOICES}, got {count} x {n}")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of this request: text or token ids, one per batch entry."""

@@ -1,5 +1,6 @@
 """Shared system-prompt KV: a worker exports hot prompt blocks to Redis, another loads them
-instead of recomputing, verified; loading never changes output."""
+instead of recomputing, only if their MAC verifies; no forged or corrupt payload ever changes
+an output or reaches a client as an error."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import dataclasses
 
 import pytest
+import torch
 
 from kvstore.block_store import BlockPayload, BlockStore
 from kvstore.hashing import hash_blocks
@@ -16,6 +18,7 @@ from workers.kv_transfer import LoadCostModel
 
 SYSTEM = list(range(100, 164))  # 64 tokens: 4 full blocks of 16
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+SECRET = "cluster-secret-for-tests"
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +29,15 @@ def redis_url():
     server.stop()
 
 
-def engine(model: str, sharing: bool = True) -> Engine:
+def engine(model: str, sharing: bool = True, secret: str = SECRET) -> Engine:
     return Engine(
-        EngineConfig(model=model, num_blocks=64, enable_kv_sharing=sharing, batching="fixed")
+        EngineConfig(
+            model=model,
+            num_blocks=64,
+            enable_kv_sharing=sharing,
+            kv_store_secret=secret,
+            batching="fixed",
+        )
     )
 
 
@@ -48,8 +57,14 @@ def test_hot_blocks_are_shared_through_redis_and_loaded_exactly(tiny_model, redi
     assert source.take_exports() == []  # seen once: not hot yet
     run(source, SYSTEM + [4, 5])
     exports = source.take_exports()
-    assert [p.token_ids for p in exports] == [tuple(SYSTEM[i : i + 16]) for i in (0, 16, 32, 48)]
+    blocks = [SYSTEM[i : i + 16] for i in (0, 16, 32, 48)]
+    hashes = hash_blocks(SYSTEM, 16, source.hash_key)
+    assert [p.block_hash for p in exports] == hashes
+    assert all(p.verify(SECRET.encode(), h, b) for p, h, b in zip(exports, hashes, blocks))
     assert source.stats()["kv_exported_blocks"] == 4
+    # What the store holds names no token: the MAC is all that is derived from them.
+    header = exports[0].encode().partition(b"\n")[0]
+    assert b"tokens" not in header and str(SYSTEM[0]).encode() not in header
 
     store = BlockStore(redis_url, "share-test")
     prompt = SYSTEM + [7, 8, 9]
@@ -71,25 +86,71 @@ def test_hot_blocks_are_shared_through_redis_and_loaded_exactly(tiny_model, redi
     assert stats["num_free_blocks"] == stats["num_blocks"]
 
 
-def test_payloads_that_do_not_match_are_rejected(tiny_model):
+def forgeries(good: list[BlockPayload], other: list[BlockPayload]) -> dict[str, list]:
+    """Ways to tamper with the first block while keeping its length and its header."""
+    first = good[0]
+    nan = torch.full((len(first.data) // 4,), float("nan")).numpy().tobytes()
+    junk = torch.randint(0, 256, (len(first.data),), dtype=torch.uint8).numpy().tobytes()
+    forged = {
+        "random bytes": dataclasses.replace(first, data=junk),
+        "NaN bytes": dataclasses.replace(first, data=nan),
+        "another prompt's valid block": dataclasses.replace(other[0], block_hash=first.block_hash),
+        "wrong shape": dataclasses.replace(first, shape=(1, 2, 3)),
+        "short data": dataclasses.replace(first, data=first.data[:-4]),
+        "MAC of another secret": BlockPayload.seal(
+            b"not-the-cluster-secret", first.block_hash, SYSTEM[:16], first.dtype,
+            first.shape, junk,
+        ),
+    }  # fmt: skip
+    return {name: [payload, *good[1:]] for name, payload in forged.items()}
+
+
+def test_forged_payloads_are_rejected_and_outputs_unchanged(tiny_model):
     source = engine(tiny_model)
     run(source, SYSTEM + [1])
     run(source, SYSTEM + [2])
     good = source.take_exports()
+    other_prompt = list(range(300, 364))
+    run(source, other_prompt + [1])
+    run(source, other_prompt + [2])
+    other = source.take_exports()
     prompt = SYSTEM + [3]
     expected = run(engine(tiny_model, sharing=False), prompt)
-    wrong_tokens = [dataclasses.replace(good[0], token_ids=(0,) * 16), *good[1:]]
-    wrong_shape = [dataclasses.replace(good[0], shape=(1, 2, 3)), *good[1:]]
-    short_data = [dataclasses.replace(good[0], data=good[0].data[:-4]), *good[1:]]
-    for payloads in (wrong_tokens, wrong_shape, short_data):
+    for name, payloads in forgeries(good, other).items():
         target = engine(tiny_model)
-        assert run(target, prompt, payloads) == expected
+        assert run(target, prompt, payloads) == expected, name
         stats = target.stats()
-        assert stats["kv_import_rejected"] == 1 and stats["kv_imported_blocks"] == 0
+        assert stats["kv_import_rejected"] == 1 and stats["kv_imported_blocks"] == 0, name
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_kv_sharing_needs_a_secret(tiny_model):
+    with pytest.raises(ValueError, match="kv_store_secret"):
+        engine(tiny_model, secret=None)
+    with pytest.raises(ValueError, match="at least 16 bytes"):
+        engine(tiny_model, secret="short")
+
+
+def test_corrupt_store_entries_are_misses(redis_url):
+    store = BlockStore(redis_url, "corrupt-test")
+    good = BlockPayload.seal(b"k" * 16, 7, [1, 2], "float32", (2,), b"x" * 8)
+
+    async def main():
+        await store.put([good])
+        raw = store._redis
+        await raw.set(store._key(8), b"{not json\n" + b"x" * 8)
+        await raw.set(store._key(9), b'{"hash": 9, "dtype": 1, "shape": "ab", "mac": "zz"}\nxx')
+        await raw.set(store._key(10), b"no header at all")
+        return await store.get_many([7, 8, 9, 10])
+
+    found = asyncio.run(main())
+    assert found[0] == good
+    assert found[1:] == [None, None, None]
+    assert store.num_corrupt == 3
 
 
 def test_store_is_capped_lru(redis_url):
-    payload = BlockPayload(1, (1, 2), "float32", (2,), b"x" * 1000)
+    payload = BlockPayload.seal(b"k" * 16, 1, [1, 2], "float32", (2,), b"x" * 1000)
     size = len(payload.encode())
     store = BlockStore(redis_url, "cap-test", max_bytes=3 * size)
 
@@ -106,7 +167,7 @@ def test_store_is_capped_lru(redis_url):
 
 def test_dead_redis_means_nothing_found_quickly():
     store = BlockStore("redis://127.0.0.1:1/0", "down", socket_timeout_s=0.2)
-    payload = BlockPayload(1, (1,), "float32", (1,), b"1234")
+    payload = BlockPayload.seal(b"k" * 16, 1, [1], "float32", (1,), b"1234")
 
     async def main():
         return await store.put([payload]), await store.get_many([1, 2])

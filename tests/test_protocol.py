@@ -198,7 +198,7 @@ def test_completion_sampling_defaults() -> None:
     kwargs = completion().to_sampling_kwargs()
     assert kwargs == {
         "n": 1, "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
-        "seed": None, "stop": None, "ignore_eos": False, "logprobs": None,
+        "seed": None, "stop": None, "ignore_eos": False, "logprobs": None, "cache_salt": None,
     }  # fmt: skip
     assert SamplingParams(**kwargs).max_tokens == 16
 

@@ -115,3 +115,15 @@ def test_emitted_text_is_the_truncated_text(
     if not stopped:
         emitted += checker.flush()
     assert (emitted, stopped) == (want, want_stopped)
+
+
+def test_long_periodic_stop_strings_match_in_small_deltas() -> None:
+    """KMP fallbacks on strings that nearly match many times (the worst case of naive
+    matching): 4,001-character stop strings over text streamed three characters at a time."""
+    stop = ["ab" * 2000 + "c", "ab" * 1999 + "d"]
+    text = "x" + "ab" * 2500 + "ab" * 1999 + "d" + "tail"
+    deltas = [text[i : i + 3] for i in range(0, len(text), 3)]
+    assert run(deltas, stop) == expected_output(text, stop, False)
+    checker = StopChecker(stop)
+    released, _ = checker.push("ab" * 3000)
+    assert released == "ab" * 1000  # exactly the longest partial match is held back

@@ -72,7 +72,7 @@ class Worker:
                 exports = self.engine.take_exports()
                 if exports and self.block_store is not None:
                     await self.block_store.put(exports)
-                await self.index.report(self.worker_id, self.engine.stats())
+                await self.index.report(self.worker_id, self.stats())
             except Exception:  # the index is an accelerator: never let it stop the worker
                 logger.exception("publishing KV events failed")
             await asyncio.sleep(self.publish_interval_s)
@@ -138,7 +138,10 @@ class Worker:
         }
 
     def stats(self) -> dict:
-        return {"worker_id": self.worker_id, **self.engine.stats()}
+        stats = {"worker_id": self.worker_id, **self.engine.stats()}
+        if self.block_store is not None:
+            stats["kv_store_corrupt"] = self.block_store.num_corrupt
+        return stats
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -96,11 +96,17 @@ class Engine:
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.graphs = self._capture_decode_graphs()
         self.sampler = Sampler()
-        self.transfer = (
-            KVTransfer(self.kv, self.kv_caches, config.kv_share_after)
-            if config.enable_kv_sharing
-            else None
-        )
+        self.transfer = None
+        if config.enable_kv_sharing:
+            if not config.kv_store_secret:
+                raise ValueError(
+                    "KV sharing needs kv_store_secret (manta serve --kv-store-secret or "
+                    "MANTA_KV_STORE_SECRET): payloads from the store are loaded only if their "
+                    "MAC under it verifies"
+                )
+            self.transfer = KVTransfer(
+                self.kv, self.kv_caches, config.kv_store_secret.encode(), config.kv_share_after
+            )
         self.eos_token_ids = self.tokenizer.eos_token_ids | frozenset(
             self.model_config.eos_token_ids
         )

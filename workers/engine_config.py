@@ -61,6 +61,12 @@ class EngineConfig:
         '4} or {"method": "draft", "model": DIR, "num_speculative_tokens": "auto"}.',
     )
     kv_share_after: int = Field(2, ge=1, description="Prompts a block is in before export.")
+    kv_store_secret: str | None = Field(
+        None,
+        repr=False,
+        description="Key of the MAC every shared KV payload carries (>= 16 characters); KV "
+        "sharing needs it.",
+    )
     num_threads: int | None = Field(
         None, ge=1, description="CPU threads for compute (default: torch's setting)."
     )

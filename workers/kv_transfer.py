@@ -2,9 +2,11 @@
 
 Export: prompts are counted per block; once a block has appeared in `share_after` prompts it
 is hot, and as soon as its KV is computed and cached it is copied out for the shared block
-store. Import: payloads fetched for a prompt are verified (hash, token ids, dtype, shape) and
-written into free blocks that are registered in the prefix cache, so the request's admission
-then finds them like any cached prefix. `LoadCostModel` decides whether loading beats
+store, sealed with the cluster's secret (kvstore/kv_payload.py). Import: payloads fetched for
+a prompt are loaded only if their MAC verifies over this prompt's block hash and token ids and
+their dtype, shape and length match this cache; they are written into free blocks that are
+registered in the prefix cache, so the request's admission then finds them like any cached
+prefix. `LoadCostModel` decides whether loading beats
 recomputing, from measured fetch speed and measured prefill speed.
 """
 
@@ -24,9 +26,13 @@ class KVTransfer:
         self,
         kv: KVCacheManager,
         kv_caches: list[torch.Tensor],
+        secret: bytes,
         share_after: int = 2,
         max_tracked_blocks: int = 8192,
     ) -> None:
+        if len(secret) < 16:
+            raise ValueError("the KV-store secret must have at least 16 bytes")
+        self.secret = secret
         self.kv = kv
         self.kv_caches = kv_caches
         self.share_after = share_after
@@ -68,7 +74,10 @@ class KVTransfer:
                 continue  # not computed yet (or evicted): try again later
             data = torch.stack([layer[:, block.block_id] for layer in self.kv_caches])
             raw = data.contiguous().cpu().view(torch.uint8).numpy().tobytes()
-            out.append(BlockPayload(block_hash, tokens, self.dtype, self.shape, raw))
+            payload = BlockPayload.seal(
+                self.secret, block_hash, tokens, self.dtype, self.shape, raw
+            )
+            out.append(payload)
             del self._pending[block_hash]
             self._exported[block_hash] = None
             if len(self._exported) > self.max_tracked:
@@ -114,11 +123,10 @@ class KVTransfer:
         for dim in self.shape:
             expected_bytes *= dim
         return (
-            payload.block_hash == block_hash
-            and payload.token_ids == tokens
-            and payload.dtype == self.dtype
+            payload.dtype == self.dtype
             and payload.shape == self.shape
             and len(payload.data) == expected_bytes
+            and payload.verify(self.secret, block_hash, tokens)
         )
 
 

@@ -8,7 +8,7 @@ from dataclasses import InitVar, dataclass, field
 
 import torch
 
-from kvstore.hashing import extend_block_hashes
+from kvstore.hashing import extend_block_hashes, salted_root
 from kvstore.sampling_params import SamplingParams
 
 
@@ -49,11 +49,13 @@ class Request:
     stop_token_ids: frozenset[int] = field(init=False)
     # Tokens the request may hold at most: its prompt plus all it may generate.
     max_total_tokens: int = field(init=False)
+    hash_root: int = field(init=False)  # the first block's parent, from the cache salt
 
     def __post_init__(self, eos_token_ids: frozenset[int]) -> None:
         stop = frozenset(self.params.stop_token_ids or ())
         self.stop_token_ids = stop if self.params.ignore_eos else stop | eos_token_ids
         self.max_total_tokens = len(self.prompt_token_ids) + self.params.max_tokens
+        self.hash_root = salted_root(self.params.cache_salt)
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
         if len(self.block_hashes) > len(self.token_ids) // self.block_size:
@@ -61,7 +63,9 @@ class Request:
                 f"{len(self.block_hashes)} block hashes for {len(self.token_ids)} tokens "
                 f"in blocks of {self.block_size}"
             )
-        extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_key)
+        extend_block_hashes(
+            self.block_hashes, self.token_ids, self.block_size, self.hash_key, self.hash_root
+        )
 
     def append_token_ids(self, token_ids: list[int]) -> RequestStatus | None:
         """Append new tokens up to the first that ends the request (a stop token, or the
@@ -87,7 +91,9 @@ class Request:
                 break
             tokens.extend(token_ids)
         if len(tokens) >= (len(self.block_hashes) + 1) * self.block_size:  # a block filled
-            extend_block_hashes(self.block_hashes, tokens, self.block_size, self.hash_key)
+            extend_block_hashes(
+                self.block_hashes, tokens, self.block_size, self.hash_key, self.hash_root
+            )
         return status
 
     @property

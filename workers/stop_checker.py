@@ -1,6 +1,19 @@
-"""Stop-string detection over a request's streamed text."""
+"""Stop-string detection over a request's streamed text, linear in the text and the strings."""
 
 from __future__ import annotations
+
+
+def _failure(pattern: str) -> list[int]:
+    """Knuth-Morris-Pratt: for each prefix length k, the longest proper border of pattern[:k]."""
+    fail = [0] * (len(pattern) + 1)
+    border = 0
+    for i in range(1, len(pattern)):
+        while border and pattern[i] != pattern[border]:
+            border = fail[border]
+        if pattern[i] == pattern[border]:
+            border += 1
+        fail[i + 1] = border
+    return fail
 
 
 class StopChecker:
@@ -9,16 +22,18 @@ class StopChecker:
     Text is released only once no stop string can start inside it, so a partial stop string
     never reaches the client. The first stop string is the one that ends earliest (the
     longest among those ending together), which makes the output independent of how the
-    text was split into deltas. Each push scans only the held-back tail plus the new delta.
+    text was split into deltas. Each stop string runs a KMP automaton over the stream: its
+    state is the longest prefix of the string that the text ends with, so a character costs
+    amortised O(1) per stop string and memory is linear in their lengths (never every prefix).
     """
 
     def __init__(self, stop: list[str], include_stop_str_in_output: bool = False) -> None:
         if not all(stop):
             raise ValueError(f"stop strings must be non-empty, got {stop!r}")
         self._stop = list(stop)
+        self._fail = [_failure(s) for s in self._stop]
+        self._state = [0] * len(self._stop)  # matched prefix length of each stop string
         self._include = include_stop_str_in_output
-        self._prefixes = frozenset(s[:end] for s in stop for end in range(1, len(s)))
-        self._max_prefix_len = max((len(s) - 1 for s in stop), default=0)
         self._held = ""
         self.stopped = False
         self.stop_str: str | None = None  # the stop string that ended the text, once stopped
@@ -28,37 +43,36 @@ class StopChecker:
         if self.stopped:
             return "", True
         text = self._held + delta
-        match = self._first_match(text)
-        if match is not None:
-            start, stop_str = match
-            self.stopped = True
-            self.stop_str = stop_str
-            self._held = ""
-            return text[: start + len(stop_str) if self._include else start], True
-        keep_from = self._held_back_start(text)
-        self._held = text[keep_from:]
-        return text[:keep_from], False
+        offset = len(self._held)
+        for i, char in enumerate(delta, offset + 1):
+            hit = self._advance(char)
+            if hit is not None:
+                self.stopped = True
+                self.stop_str = hit
+                self._held = ""
+                start = i - len(hit)
+                return text[: i if self._include else start], True
+        keep = max(self._state, default=0)  # the longest partial match must stay held
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
 
     def flush(self) -> str:
         """Releases the held-back tail when the request ends for another reason."""
         text, self._held = self._held, ""
         return text
 
-    def _first_match(self, text: str) -> tuple[int, str] | None:
-        """(start, stop string) of the earliest-ending stop string in text, if any."""
-        best: tuple[int, int, str] | None = None
-        for stop_str in self._stop:
-            start = text.find(stop_str)
-            if start < 0:
-                continue
-            end = start + len(stop_str)
-            if best is None or (end, start) < (best[0], best[1]):
-                best = (end, start, stop_str)
-        return None if best is None else (best[1], best[2])
-
-    def _held_back_start(self, text: str) -> int:
-        """Index of the earliest suffix of text that could still grow into a stop string."""
-        for start in range(max(0, len(text) - self._max_prefix_len), len(text)):
-            if text[start:] in self._prefixes:
-                return start
-        return len(text)
+    def _advance(self, char: str) -> str | None:
+        """Step every automaton by one character; the longest stop string completed, if any."""
+        hit = None
+        for j, (pattern, fail) in enumerate(zip(self._stop, self._fail)):
+            k = self._state[j]
+            while k and pattern[k] != char:
+                k = fail[k]
+            if pattern[k] == char:
+                k += 1
+            if k == len(pattern):
+                if hit is None or len(pattern) > len(hit):
+                    hit = pattern
+                k = fail[k]
+            self._state[j] = k
+        return hit

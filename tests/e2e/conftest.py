@@ -61,6 +61,7 @@ def served(request, ray_cluster, tiny_model) -> Iterator[Served]:
             max_num_batched_tokens=256,
             # Served text must equal the offline engine's, which runs without speculation.
             speculative={"method": "ngram", "num_speculative_tokens": "auto"},
+            kv_store_secret="e2e-cluster-secret-0123",  # KV sharing through Redis needs it
         ),
     )
     serve.run(build_app(config), name="manta", route_prefix="/")

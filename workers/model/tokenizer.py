@@ -169,6 +169,9 @@ def _load_chat_templates(model_dir: Path, config: dict[str, Any]) -> dict[str, s
     )
 
 
+GIL_FREE_CHARS = 8192  # texts longer than this are tokenized without holding the GIL
+
+
 class Tokenizer:
     """Text <-> token ids and chat rendering for one model directory."""
 
@@ -186,6 +189,8 @@ class Tokenizer:
         if (eos_id := self._special_id("eos_token")) is not None:
             eos.add(eos_id)
         self._eos_ids = frozenset(eos)
+        self._specials: list[str] | None = None
+        self._plain: tokenizers.Tokenizer | None = None
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "Tokenizer":
@@ -251,7 +256,44 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; `add_special_tokens` applies tokenizer.json's post-processor
         (e.g. a leading BOS). Tokenize a rendered chat with False, as transformers does."""
+        if len(text) > GIL_FREE_CHARS:
+            # encode_batch releases the GIL and encode does not: while a long text is
+            # tokenized, the server's other threads (its event loop, /health) keep running.
+            return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, rendered: str, contents: list[str]) -> list[int]:
+        """Token ids of a rendered chat in which the messages' `contents` are text only: a
+        special token typed in a message (`<|im_end|>`, say) is encoded as the characters it
+        is made of, so no one can forge a turn; the template's own control tokens are kept.
+        Identical to `encode(rendered, False)` when no content holds a special token."""
+        specials = self._special_strings()
+        if not any(token in content for content in contents for token in specials):
+            return self.encode(rendered, add_special_tokens=False)
+        ids: list[int] = []
+        cursor = 0
+        for content in contents:
+            start = rendered.find(content, cursor) if content else -1
+            if start < 0:
+                continue  # the template rewrote this content: it is encoded with the rest
+            ids += self.encode(rendered[cursor:start], add_special_tokens=False)
+            ids += self._text_only().encode(content, add_special_tokens=False).ids
+            cursor = start + len(content)
+        return ids + self.encode(rendered[cursor:], add_special_tokens=False)
+
+    def _special_strings(self) -> list[str]:
+        if self._specials is None:
+            added = self._backend.get_added_tokens_decoder().values()
+            self._specials = [token.content for token in added if token.special]
+        return self._specials
+
+    def _text_only(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that reads special-token strings as plain text."""
+        if self._plain is None:
+            plain = tokenizers.Tokenizer.from_str(self._backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
