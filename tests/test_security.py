@@ -5,6 +5,7 @@ any work, error bodies that leak nothing, and chat messages that cannot forge tu
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -13,6 +14,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from benchmarks.one_process_server import EngineBackend
 from kvstore.index import InMemoryPrefixIndex
@@ -273,3 +276,42 @@ def test_special_tokens_in_messages_are_text(frontend):
     plain = frontend.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert plain == tokenizer.encode(rendered, add_special_tokens=False)  # unchanged otherwise
+
+
+# -- fuzzing ----------------------------------------------------------------------------------
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+FIELDS = ["model", "prompt", "messages", "n", "stop", "seed", "temperature", "top_p", "top_k",
+          "logprobs", "stream", "stream_options", "cache_salt", "logit_bias", "priority",
+          "min_p", "user", "tools", "response_format", "unknown"]  # fmt: skip
+SMALL = st.sampled_from([1, 2, 0, -1, "2", None, 1.5, 2**70])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+    fields=st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=5),
+    max_tokens=SMALL,
+    raw=st.one_of(st.none(), st.binary(max_size=64), st.text(max_size=32).map(str.encode)),
+)
+def test_fuzzed_requests_never_get_5xx_or_leak(server, route, fields, max_tokens, raw):
+    base = {"model": "tiny", "prompt": "hi"} if route == "/v1/completions" else {
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    body = {**base, **fields, "max_tokens": max_tokens}
+    content = raw if raw is not None else json.dumps(body, allow_nan=True).encode()
+    response = httpx.post(
+        server.url + route,
+        content=content,
+        headers={"Authorization": "Bearer key-alpha-0001", "Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert response.status_code < 500, response.text
+    if response.status_code != 200:
+        assert_clean_error(response, response.status_code)
