@@ -41,7 +41,7 @@ def build_app(config: ClusterConfig) -> Application:
     tokenizer_factory = functools.partial(Tokenizer.from_pretrained, config.model)
     worker_kwargs = {
         "publish_interval_s": config.publish_interval_s,
-        "max_waiting": config.max_ongoing_requests,
+        "max_in_flight": config.max_ongoing_requests,
         "stream_interval_s": config.stream_interval_s,
     }
     shared = {"redis_url": config.redis_url, "index_ttl_s": config.index_ttl_s}

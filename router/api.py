@@ -324,6 +324,7 @@ async def _respond(request: Request, body, formatter, prompts, tenant) -> Respon
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Manta", docs_url=None, redoc_url=None)
     app.state.manta = state
+    state.frontend.on_recovery = lambda kind: state.metrics.recoveries.labels(kind).inc()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

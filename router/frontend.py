@@ -8,6 +8,7 @@ Serve handle), so this module imports neither workers nor Ray.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -52,8 +53,10 @@ class Frontend:
         block_size: int,
         affinity_prefix_tokens: int = 64,
         max_retries: int = 2,
+        max_migrations: int = 2,
         is_worker_failure: Callable[[BaseException], bool] = lambda e: False,
         special_tokens_in_content: bool = False,
+        on_recovery: Callable[[str], None] = lambda kind: None,
     ) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
@@ -64,8 +67,10 @@ class Frontend:
         self.block_size = block_size
         self.affinity_prefix_tokens = affinity_prefix_tokens
         self.max_retries = max_retries
+        self.max_migrations = max_migrations
         self.is_worker_failure = is_worker_failure
         self.special_tokens_in_content = special_tokens_in_content
+        self.on_recovery = on_recovery  # called with "retry" or "migration"
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -127,22 +132,95 @@ class Frontend:
 
     # -- dispatch ---------------------------------------------------------------------------
     async def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
-        """The request's deltas; a worker that dies before its first token is retried."""
-        attempt = 0
+        """The request's deltas. A worker that dies before the first token is retried; one
+        that dies mid-stream is migrated: another worker continues from the prompt plus the
+        tokens already sent, and the client sees one stream (no token lost or repeated, usage
+        counted once)."""
+        migration = _Migration(request)
+        failures = 0
         while True:
-            emitted = False
             try:
-                async for delta in self.backend.stream(request):
-                    emitted = True
-                    yield delta
+                async for delta in self.backend.stream(migration.request):
+                    yield migration.adjust(delta)
                 return
             except Exception as error:
-                if emitted or not self.is_worker_failure(error):
+                if not self.is_worker_failure(error) or not migration.can_continue():
                     raise
-                if attempt >= self.max_retries:
+                failures += 1
+                limit = self.max_migrations if migration.started else self.max_retries
+                if failures > limit:
                     raise WorkerUnavailableError(f"workers kept failing: {error}") from error
-                attempt += 1
-                logger.warning("worker failed before the first token (%s); retrying", error)
-                # A fresh id: the dead worker may still hold the old one in an index entry.
-                request.request_id = uuid.uuid4().hex
-                request.routing = None
+                kind = "migration" if migration.started else "retry"
+                logger.warning("worker failed (%s); %s on another", error, kind)
+                self.on_recovery(kind)
+                migration.request = await self._continuation(migration)
+
+    async def _continuation(self, migration: _Migration) -> GenerateRequest:
+        """A request for the rest of the stream: the tokens already sent become prompt."""
+        original = migration.original
+        if not migration.started:
+            # A fresh id: the dead worker may still hold the old one in an index entry.
+            return dataclasses.replace(original, request_id=uuid.uuid4().hex, routing=None)
+        sampling = dataclasses.replace(
+            original.sampling,
+            max_tokens=original.sampling.max_tokens - len(migration.sent_tokens),
+            # The rest of a seeded sample continues from its own seed, shifted per migration.
+            seed=None
+            if original.sampling.seed is None
+            else original.sampling.seed + len(migration.sent_tokens),
+        )
+        tokens = original.prompt_token_ids + migration.sent_tokens
+        root = salted_root(sampling.cache_salt)
+        hashes = hash_blocks(tokens, self.block_size, self.hash_key, root)
+        migration.resume_text = migration.held_back(self.tokenizer)
+        return GenerateRequest(uuid.uuid4().hex, tokens, sampling, original.priority, None, hashes)
+
+
+class _Migration:
+    """What a stream has sent so far, so that another worker can continue it seamlessly."""
+
+    def __init__(self, request: GenerateRequest) -> None:
+        self.original = self.request = request
+        self.sent_tokens: list[int] = []
+        self.sent_text: list[str] = []
+        self.resume_text = ""  # text of sent tokens the dead worker still held back
+        self.num_cached_tokens: int | None = None
+        self.finished = False
+
+    @property
+    def started(self) -> bool:
+        return bool(self.sent_tokens)
+
+    def can_continue(self) -> bool:
+        room = self.original.sampling.max_tokens - len(self.sent_tokens)
+        return not self.finished and room > 0
+
+    def adjust(self, delta: RequestDelta) -> RequestDelta:
+        """The delta as the client must see it: one request, one prompt, one usage."""
+        if self.num_cached_tokens is None:
+            self.num_cached_tokens = delta.num_cached_tokens
+        if self.request is not self.original:
+            delta.request_id = self.original.request_id
+            delta.num_prompt_tokens = len(self.original.prompt_token_ids)
+            delta.num_output_tokens += len(self._resumed_tokens)
+            delta.num_cached_tokens = self.num_cached_tokens
+            if self.resume_text:
+                delta.new_text = self.resume_text + delta.new_text
+                self.resume_text = ""
+        self.sent_tokens.extend(delta.new_token_ids)
+        self.sent_text.append(delta.new_text)
+        self.finished = delta.finished
+        return delta
+
+    @property
+    def _resumed_tokens(self) -> list[int]:
+        """The sent tokens that the current request took as its prompt."""
+        return self.request.prompt_token_ids[len(self.original.prompt_token_ids) :]
+
+    def held_back(self, tokenizer: Any) -> str:
+        """Text of the sent tokens that the client has not seen yet (a detokenizer or a stop
+        checker was holding it): their decoded text past what was sent."""
+        skip = self.original.sampling.skip_special_tokens
+        text = tokenizer.decode(self.sent_tokens, skip_special_tokens=skip).rstrip("\ufffd")
+        sent = "".join(self.sent_text)
+        return text[len(sent) :] if text.startswith(sent) else ""

@@ -84,6 +84,12 @@ class Metrics:
             labelnames=["status"],
             registry=self.registry,
         )
+        self.recoveries = Counter(
+            "manta_request_recoveries",
+            "Requests whose worker failed: retried before the first token, or migrated after.",
+            labelnames=["kind"],
+            registry=self.registry,
+        )
         self._worker_stats: dict[str, dict] = {}
         self.registry.register(_WorkerCollector(self))
 

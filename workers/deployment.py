@@ -46,13 +46,14 @@ class Worker:
         namespace: str,
         redis_url: str | None = None,
         publish_interval_s: float = 0.2,
-        max_waiting: int = 256,
+        max_in_flight: int = 256,
         stream_interval_s: float = 0.0,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
         self.worker_id = worker_id
         self.index = index
-        self.max_waiting = max_waiting
+        self.max_in_flight = max_in_flight  # requests running or queued here at once
+        self._in_flight = 0
         self.publish_interval_s = publish_interval_s
         self.stream_interval_s = stream_interval_s
         # Hot system-prompt KV is shared through Redis when the cluster has one.
@@ -78,11 +79,19 @@ class Worker:
             await asyncio.sleep(self.publish_interval_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
-        stats = self.engine.stats()
-        if stats["num_requests_waiting"] >= self.max_waiting:
+        # Counted here, not read from the engine's stats, which lag a step behind a burst.
+        if self._in_flight >= self.max_in_flight:
             raise WorkerOverloadedError(
-                f"worker {self.worker_id} has {stats['num_requests_waiting']} requests waiting"
+                f"worker {self.worker_id} has {self._in_flight} requests in flight"
             )
+        self._in_flight += 1
+        try:
+            async for delta in self._generate(request):
+                yield delta
+        finally:
+            self._in_flight -= 1
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         hashes = request.block_hashes
         payloads = await self._fetch_shared_prefix(request.prompt_token_ids, hashes)
         stream = self.engine.generate(
@@ -163,7 +172,7 @@ class WorkerDeployment:
         namespace: str,
         redis_url: str | None = None,
         index_ttl_s: float = 15.0,
-        **options,  # Worker's publish_interval_s, max_waiting, stream_interval_s
+        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s
     ) -> None:
         index: PrefixIndex = (
             make_index(redis_url, namespace, index_ttl_s)
