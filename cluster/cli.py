@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -111,14 +112,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     start_ray_and_serve(config, address, direct)
     serve.run(build_app(config), name="manta", route_prefix="/")
     print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
+    # SIGTERM (a supervisor, `kill`) stops serving the way Ctrl-C does: through the finally
+    # below, so nothing this command started outlives it.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a user stops serving
             while True:
                 time.sleep(3600)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut this short
         serve.shutdown()
         kill_index_actor(config.model_name)
+        if starts_ray:
+            import ray
+
+            ray.shutdown()  # the local Ray instance, its raylet, GCS and agents included
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def start_ray_and_serve(config, address: str | None, direct_ingress: bool) -> None:

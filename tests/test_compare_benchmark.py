@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import httpx
 import psutil
@@ -246,3 +247,20 @@ def test_server_commands_serve_the_same_model_with_vllms_modes(tmp_path):
     manta = server_command("manta", tmp_path / "m", 8123, tmp_path / "venv")
     assert manta[manta.index("--workers") + 1] == "1" and "8123" in manta
     assert server_env("manta") == {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+
+
+def test_sigterm_stops_every_process_manta_serve_started(tiny_model, tmp_path):
+    """A supervisor's SIGTERM drains like Ctrl-C: no Ray process outlives `manta serve`."""
+    port = free_port()
+    cmd = server_command("manta", tiny_model, port, tmp_path / "no-venv")
+    server = start_server(cmd, server_env("manta"), port, tmp_path / "serve.log", timeout_s=240)
+    try:
+        server.meter.sample()
+        procs = list(server.meter.procs.values())
+        assert len(procs) > 2  # the CLI, Ray's GCS and raylet at least
+        server.proc.send_signal(signal.SIGTERM)  # to the CLI alone, not its process group
+        assert server.proc.wait(90) == 0
+        _, alive = psutil.wait_procs([p for p in procs if p.is_running()], timeout=30)
+        assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+    finally:
+        stop_server(server)
