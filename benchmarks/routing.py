@@ -111,6 +111,7 @@ def cluster_config(
         num_workers=settings.num_workers,
         num_cpus_per_worker=0.25,  # four workers share the machine's cores
         publish_interval_s=settings.publish_interval_s,
+        slo_ttft_s=None,  # every request is measured: shedding would drop what is compared
         engine=dict(block_size=BLOCK_SIZE, num_blocks=settings.num_blocks),
         router=RouterSettings(policy=policy, **weights),
     )

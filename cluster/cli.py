@@ -92,6 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given["api_keys"] = keys
     if args.rate_limit_rps is not None:
         given["rate_limit_rps"] = args.rate_limit_rps
+    if args.slo_ttft_s is not None:
+        given["slo_ttft_s"] = args.slo_ttft_s or None
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     config = ClusterConfig(
@@ -109,20 +111,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     address = os.environ.get("RAY_ADDRESS")
     starts_ray = address in (None, "", "local")  # a fresh Ray instance on this machine
     direct = args.direct_ingress if args.direct_ingress is not None else starts_ray
-    start_ray_and_serve(config, address, direct)
-    serve.run(build_app(config), name="manta", route_prefix="/")
-    print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
-    # SIGTERM (a supervisor, `kill`) stops serving the way Ctrl-C does: through the finally
-    # below, so nothing this command started outlives it.
+    # SIGTERM (a supervisor, `kill`) stops serving the way Ctrl-C does, at any point from
+    # here on: through the finally below, so nothing this command started outlives it.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a user stops serving
-            while True:
-                time.sleep(3600)
+        start_ray_and_serve(config, address, direct)
+        signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs a handler of its own
+        serve.run(build_app(config), name="manta", route_prefix="/")
+        print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how a user stops serving
+        pass
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut this short
-        serve.shutdown()
-        kill_index_actor(config.model_name)
+        with contextlib.suppress(Exception):  # whatever part of the start-up happened
+            serve.shutdown()
+            kill_index_actor(config.model_name)
         if starts_ray:
             import ray
 
@@ -286,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
         "comma-separated); TENANT isolates that key's prefix cache",
     )
     p.add_argument("--rate-limit-rps", type=float, help="requests per second per tenant")
+    p.add_argument(
+        "--slo-ttft-s",
+        type=float,
+        help="refuse (429) requests whose predicted time to first token exceeds this "
+        "(default 2; 0: never)",
+    )
     p.add_argument(
         "--kv-store-secret",
         help="key of the MAC on every shared KV payload (or MANTA_KV_STORE_SECRET); with "

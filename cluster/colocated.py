@@ -46,7 +46,7 @@ class ColocatedServer:
         *,
         redis_url: str | None,
         index_ttl_s: float,
-        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s
+        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_ttft_s
     ) -> None:
         model_id = frontend["model_id"]
         index: PrefixIndex = (

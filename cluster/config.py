@@ -62,6 +62,12 @@ class ClusterConfig(BaseModel):
         256, ge=-1, description="Requests waiting for a worker at the router before 429."
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 429.")
+    slo_ttft_s: float | None = Field(
+        2.0,
+        gt=0,
+        description="A worker refuses (429, Retry-After from the predicted drain time) a "
+        "request whose predicted time to first token exceeds this; None: never.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="`KEY[:TENANT]` entries; with any, /v1 needs `Authorization: Bearer KEY`. "

@@ -98,9 +98,12 @@ def _as_http_error(error: BaseException) -> HTTPError:
     if isinstance(error, (RequestRejectedError, ValueError)):
         return HTTPError(400, _reason(error), "invalid_request_error")
     if isinstance(error, WorkerOverloadedError):
+        cause = getattr(error, "cause", None) or error
+        wait = cause.args[1] if len(cause.args) > 1 else None
         return HTTPError(
-            429, "The server is overloaded; retry later.", "rate_limit_error", None, "overloaded"
-        )
+            429, "The server is overloaded; retry later.", "rate_limit_error", None,
+            "overloaded", wait,
+        )  # fmt: skip
     if isinstance(error, WorkerUnavailableError):
         return HTTPError(503, "No healthy worker is available.", "service_unavailable")
     incident = uuid.uuid4().hex[:16]

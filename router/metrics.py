@@ -23,6 +23,9 @@ WORKER_METRICS = {
     "num_requests_waiting": ("manta_num_requests_waiting", "gauge", "Requests queued."),
     "kv_cache_usage": ("manta_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use."),
     "num_preemptions": ("manta_num_preemptions_total", "counter", "Requests preempted."),
+    "num_requests_shed": (
+        "manta_requests_shed_total", "counter", "Requests refused: predicted TTFT over the SLO."
+    ),
     "generation_tokens": ("manta_generation_tokens_total", "counter", "Tokens generated."),
     "kv_imported_blocks": (
         "manta_kv_blocks_loaded_total", "counter", "Prefix KV blocks loaded from the store."

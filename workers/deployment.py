@@ -25,6 +25,7 @@ from kvstore.messages import (
     RequestRejectedError,
     WorkerOverloadedError,
 )
+from workers.admission import AdmissionControl
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
 from workers.kv_transfer import LoadCostModel
@@ -48,8 +49,12 @@ class Worker:
         publish_interval_s: float = 0.2,
         max_in_flight: int = 256,
         stream_interval_s: float = 0.0,
+        slo_ttft_s: float | None = None,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
+        self.admission = AdmissionControl(
+            slo_ttft_s, engine_config.max_num_batched_tokens, self.engine.engine.step_time
+        )
         self.worker_id = worker_id
         self.index = index
         self.max_in_flight = max_in_flight  # requests running or queued here at once
@@ -79,17 +84,37 @@ class Worker:
             await asyncio.sleep(self.publish_interval_s)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
-        # Counted here, not read from the engine's stats, which lag a step behind a burst.
-        if self._in_flight >= self.max_in_flight:
-            raise WorkerOverloadedError(
-                f"worker {self.worker_id} has {self._in_flight} requests in flight"
-            )
+        self._admit(request)
+        num_prompt = len(request.prompt_token_ids)
         self._in_flight += 1
+        self.admission.admitted(num_prompt)
+        waiting = True
         try:
             async for delta in self._generate(request):
+                if waiting:
+                    self.admission.started(num_prompt)
+                    waiting = False
                 yield delta
         finally:
             self._in_flight -= 1
+            if waiting:
+                self.admission.started(num_prompt)
+
+    def _admit(self, request: GenerateRequest) -> None:
+        """Refuse (WorkerOverloadedError, with seconds to wait) what would miss the TTFT SLO
+        or exceed the in-flight cap; counted here, since the engine's stats lag a burst."""
+        if self._in_flight >= self.max_in_flight:
+            raise WorkerOverloadedError(
+                f"worker {self.worker_id} has {self._in_flight} requests in flight", 1.0
+            )
+        running = self.engine.stats()["num_requests_running"]
+        refusal = self.admission.check(len(request.prompt_token_ids), running)
+        if refusal is not None:
+            raise WorkerOverloadedError(
+                f"predicted time to first token {refusal.predicted_ttft_s:.2f} s exceeds the "
+                f"SLO of {self.admission.slo_ttft_s} s",
+                refusal.retry_after_s,
+            )
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         hashes = request.block_hashes
@@ -148,6 +173,7 @@ class Worker:
 
     def stats(self) -> dict:
         stats = {"worker_id": self.worker_id, **self.engine.stats()}
+        stats["num_requests_shed"] = self.admission.num_refused
         if self.block_store is not None:
             stats["kv_store_corrupt"] = self.block_store.num_corrupt
         return stats
@@ -172,7 +198,7 @@ class WorkerDeployment:
         namespace: str,
         redis_url: str | None = None,
         index_ttl_s: float = 15.0,
-        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s
+        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_ttft_s
     ) -> None:
         index: PrefixIndex = (
             make_index(redis_url, namespace, index_ttl_s)

@@ -1,0 +1,71 @@
+"""Admission by predicted time to first token: the arithmetic, and a worker under a flood that
+sheds what would miss the SLO, finishes what it admitted and returns to an empty backlog."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvstore.index import InMemoryPrefixIndex
+from kvstore.messages import GenerateRequest, WorkerOverloadedError
+from kvstore.sampling_params import SamplingParams
+from workers.admission import AdmissionControl, predicted_ttft
+from workers.batching_policy import StepTimeModel
+from workers.deployment import Worker
+from workers.engine import EngineConfig
+
+
+def model(overhead: float = 0.01, per_token: float = 1e-3) -> StepTimeModel:
+    return StepTimeModel(overhead=overhead, per_token=per_token)
+
+
+def test_prediction_counts_prefill_steps_beside_the_decodes():
+    # 1,000 tokens in steps of 256 - 56 decoding = 200: 5 steps of 256 tokens each.
+    assert predicted_ttft(1000, 56, 256, model()) == pytest.approx(5 * (0.01 + 0.256))
+    assert predicted_ttft(10, 0, 256, model()) == pytest.approx(0.01 + 0.010)
+
+
+def test_refuses_only_what_would_miss_the_slo_and_never_a_request_alone():
+    control = AdmissionControl(0.5, 256, model())
+    assert control.check(100_000, num_running=0) is None  # nothing ahead: always admitted
+    control.admitted(1000)  # about 1.3 s of prefill ahead
+    refusal = control.check(10, num_running=0)
+    assert refusal is not None and refusal.predicted_ttft_s > 0.5
+    assert refusal.retry_after_s == pytest.approx(
+        predicted_ttft(1000, 0, 256, model()) - 0.5 + 0.1
+    )
+    assert control.num_refused == 1
+    control.started(1000)
+    assert control.check(10, num_running=0) is None
+    assert AdmissionControl(None, 256, model()).check(10**6, 0) is None  # shedding off
+
+
+def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
+    async def main():
+        config = EngineConfig(model=tiny_model, num_blocks=256, max_num_seqs=8)
+        worker = Worker(config, "w", InMemoryPrefixIndex(), "ns", slo_ttft_s=0.05)
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+
+        async def one(i: int):
+            prompt = [(i * 7 + t) % 900 + 5 for t in range(600)]
+            request = GenerateRequest(f"r{i}", prompt, params)
+            try:
+                return [d async for d in worker.generate(request)]
+            except WorkerOverloadedError as error:
+                return error
+
+        try:
+            results = await asyncio.gather(*(one(i) for i in range(30)))
+            return results, worker.admission.queued_tokens, worker.engine.stats()
+        finally:
+            await worker.close()
+
+    results, queued, stats = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, WorkerOverloadedError)]
+    served = [r for r in results if not isinstance(r, WorkerOverloadedError)]
+    assert refused and served
+    assert all(error.args[1] > 0 for error in refused)  # a wait the client can honour
+    assert all(sum(len(d.new_token_ids) for d in deltas) == 4 for deltas in served)
+    assert queued == 0
+    assert stats["num_free_blocks"] == stats["num_blocks"]
