@@ -81,7 +81,8 @@ def build_app(config: ClusterConfig) -> Application:
         max_ongoing_requests=4096,
         ray_actor_options={"num_cpus": 0},
     )
-    return ingress.bind(workers, tokenizer_factory, frontend, config.http_settings(), **shared)
+    http = {**config.http_settings(), "worker_deployment": WORKER_DEPLOYMENT}
+    return ingress.bind(workers, tokenizer_factory, frontend, http, **shared)
 
 
 def worker_resources(config: ClusterConfig) -> dict[str, float]:

@@ -60,7 +60,10 @@ class ColocatedServer:
         self._http = http
 
     def __serve_build_asgi_app__(self):
-        return serve_app(self._frontend, self._http)
+        return serve_app(self._frontend, self._http, self._liveness)
+
+    async def _liveness(self) -> str | None:
+        return None if self.worker.engine.alive else "The engine has stopped."
 
     def check_health(self) -> None:
         self.worker.check_health()

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -64,6 +64,8 @@ class ServerState:
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None, 1))
     limits: RequestLimits = field(default_factory=RequestLimits)
     metrics: Metrics = field(default_factory=Metrics)
+    # Why the server cannot serve now (no live worker), or None: /health and /ready ask it.
+    liveness: Callable[[], Awaitable[str | None]] | None = None
 
 
 class HTTPError(Exception):
@@ -365,9 +367,23 @@ def create_app(state: ServerState) -> FastAPI:
             return _error_response(request, _as_http_error(error))
         return JSONResponse(ModelList(data=[ModelCard(id=state.frontend.model_name)]).model_dump())
 
+    async def unavailable() -> JSONResponse | None:
+        reason = await state.liveness() if state.liveness is not None else None
+        if reason is None:
+            return None
+        return JSONResponse(error_body(reason, "service_unavailable"), 503)
+
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
+        """Live: some worker can take a request (503 with the reason when none can)."""
+        return await unavailable() or JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready(request: Request) -> JSONResponse:
+        """Ready: the model is servable now (what a load balancer's readiness probe asks)."""
+        return await unavailable() or JSONResponse(
+            {"status": "ready", "model": state.frontend.model_name}
+        )
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray.exceptions
+from ray import serve
 from ray.serve import context as serve_context
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
@@ -68,7 +71,30 @@ class ServeBackend:
                     response.cancel()
 
 
-def serve_app(frontend: Frontend, http: dict[str, Any]):
+class WorkerLiveness:
+    """Whether any replica of the worker deployment runs, as the Serve controller sees it;
+    asked off the event loop and cached briefly, since probes poll /health."""
+
+    def __init__(self, deployment: str, ttl_s: float = 1.0) -> None:
+        self.deployment, self.ttl_s = deployment, ttl_s
+        self._checked, self._reason = 0.0, None
+
+    async def __call__(self) -> str | None:
+        if time.monotonic() - self._checked > self.ttl_s:
+            self._reason = await asyncio.to_thread(self._query)
+            self._checked = time.monotonic()
+        return self._reason
+
+    def _query(self) -> str | None:
+        try:
+            app = serve.status().applications[serve.get_replica_context().app_name]
+            running = app.deployments[self.deployment].replica_states.get("RUNNING", 0)
+        except Exception:  # the controller could not say: no news is not bad news
+            return None
+        return None if running else "No worker replica is running."
+
+
+def serve_app(frontend: Frontend, http: dict[str, Any], liveness=None):
     """The FastAPI app of an ingress replica over its frontend. `http`: retry_after_s,
     api_keys (`KEY[:TENANT]` specs), rate_limit_rps, rate_limit_burst, max_request_body_bytes
     (ClusterConfig.http_settings())."""
@@ -78,6 +104,7 @@ def serve_app(frontend: Frontend, http: dict[str, Any]):
         auth=Authenticator(parse_api_keys(http.get("api_keys", ()))),
         limiter=RateLimiter(http.get("rate_limit_rps"), http.get("rate_limit_burst", 1)),
         limits=RequestLimits(max_body_bytes=http.get("max_request_body_bytes", 4 * 2**20)),
+        liveness=liveness,
     )
     return create_app(state)
 
@@ -113,4 +140,5 @@ class Ingress:
         self._http = http
 
     def __serve_build_asgi_app__(self):
-        return serve_app(self._frontend, self._http)
+        liveness = WorkerLiveness(self._http["worker_deployment"])
+        return serve_app(self._frontend, self._http, liveness)

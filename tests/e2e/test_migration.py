@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import httpx
 import openai
@@ -98,3 +99,25 @@ def test_streams_and_plain_requests_survive_a_worker_killed_mid_stream(base_url,
     metrics = httpx.get(base_url + "/metrics").text
     migrated = re.search(r'^manta_request_recoveries_total{kind="migration"} (\S+)$', metrics, re.M)
     assert migrated and float(migrated.group(1)) >= 1  # streams really moved mid-way
+
+
+def test_health_says_503_while_no_worker_runs_and_recovers(base_url):
+    assert httpx.get(base_url + "/ready").json()["model"] == NAME
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "MantaWorker" in actor["name"] and "migrate" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
+
+    def wait_for(status: int, timeout_s: float) -> httpx.Response:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            response = httpx.get(base_url + "/health")
+            if response.status_code == status:
+                return response
+            time.sleep(0.2)
+        raise AssertionError(f"/health never answered {status}")
+
+    down = wait_for(503, 15)
+    assert down.json()["error"]["type"] == "service_unavailable"
+    assert httpx.get(base_url + "/ready").status_code in (200, 503)
+    wait_for(200, 90)  # Serve restarts the replicas
+    assert httpx.get(base_url + "/ready").status_code == 200
