@@ -1,4 +1,4 @@
-"""The GPU check: one prepared run on a lent GPU machine, for what a CPU cannot measure.
+"""The GPU check: one prepared run on a GPU machine, for what a CPU cannot measure.
 
 Four sections, each recorded even when another fails (its error is written in its place):
   kernels    Triton paged attention, and flash-attention when a build is installed, against

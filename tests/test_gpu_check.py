@@ -1,4 +1,4 @@
-"""The GPU check's `--cpu-smoke` run, so the script prepared for a lent GPU machine is known to
+"""The GPU check's `--cpu-smoke` run, so the script prepared for a GPU machine is known to
 start: every section reports numbers, the kernels pass, and the engine's import path holds no
 Ray, Redis or FastAPI (that machine has none of them)."""
 
