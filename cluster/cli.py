@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:  # Ctrl-C (or SIGTERM) is how a user stops serving
-        pass
+        print("manta: stopping: draining Serve and shutting down what was started")
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut this short
         with contextlib.suppress(Exception):  # whatever part of the start-up happened
