@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import serve
 
-from kvstore.index import InMemoryPrefixIndex, PrefixIndex, make_index
+from kvstore.index import make_index
 from kvstore.messages import GenerateRequest, RequestDelta
 from router.frontend import Frontend
 from router.ingress import serve_app
@@ -49,11 +49,7 @@ class ColocatedServer:
         **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_ttft_s
     ) -> None:
         model_id = frontend["model_id"]
-        index: PrefixIndex = (
-            make_index(redis_url, model_id, index_ttl_s)
-            if redis_url
-            else InMemoryPrefixIndex(index_ttl_s)
-        )
+        index = make_index(redis_url, model_id, index_ttl_s)  # in-process without Redis
         replica_id = serve.get_replica_context().replica_id.unique_id
         self.worker = Worker(engine_config, replica_id, index, model_id, redis_url, **options)
         self._frontend = Frontend(tokenizer_factory(), LocalBackend(self.worker), index, **frontend)

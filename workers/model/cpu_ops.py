@@ -57,16 +57,24 @@ def add_rms_norm(
     return out
 
 
+def checked_rotary_inputs(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The layout the rotary kernels (C and Triton) read; returns positions made contiguous."""
+    for t in (q, k):
+        if t.stride(-1) != 1:
+            raise ValueError("rotary needs q and k with contiguous head_dim")
+    positions = positions.contiguous()
+    if not (cos.is_contiguous() and sin.is_contiguous() and positions.dtype == torch.int64):
+        raise ValueError("rotary needs contiguous cos/sin tables and int64 positions")
+    return positions
+
+
 def rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> None:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place by their tokens' positions."""
-    for t in (q, k):
-        if t.stride(-1) != 1:
-            raise ValueError("rotary needs q and k with contiguous head_dim")
-    positions = positions.contiguous()  # held here: the kernel reads it through a raw pointer
-    if not (cos.is_contiguous() and sin.is_contiguous() and positions.dtype == torch.int64):
-        raise ValueError("rotary needs contiguous cos/sin tables and int64 positions")
+    positions = checked_rotary_inputs(q, k, positions, cos, sin)  # held: read by raw pointer
     _library()["rotary"](
         q.data_ptr(),
         q.stride(0),

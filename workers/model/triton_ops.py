@@ -17,6 +17,8 @@ from functools import cache
 
 import torch
 
+from workers.model.cpu_ops import checked_rotary_inputs
+
 tl = None  # triton.language, bound by _kernels(): the kernels below look it up as a global
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,12 +61,7 @@ def rotary(
     q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> None:
     """Rotate q [T, Hq, D] and k [T, Hk, D] in place by their tokens' positions."""
-    for t in (q, k):
-        if t.stride(-1) != 1:
-            raise ValueError("rotary needs q and k with contiguous head_dim")
-    positions = positions.contiguous()
-    if not (cos.is_contiguous() and sin.is_contiguous() and positions.dtype == torch.int64):
-        raise ValueError("rotary needs contiguous cos/sin tables and int64 positions")
+    positions = checked_rotary_inputs(q, k, positions, cos, sin)
     half = q.shape[2] // 2
     block_half = _next_power_of_2(half)
     for t in (q, k):  # two launches: one kernel per tensor keeps the kernel a single tile
