@@ -315,3 +315,16 @@ def test_fuzzed_requests_never_get_5xx_or_leak(server, route, fields, max_tokens
     assert response.status_code < 500, response.text
     if response.status_code != 200:
         assert_clean_error(response, response.status_code)
+
+
+def test_the_pool_is_whole_after_every_attack(frontend):
+    """Runs last in this module: refused, fuzzed, rate-limited and finished requests alike
+    gave every KV block back."""
+    engine = frontend.backend.engine
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        stats = engine.stats()
+        if stats["num_free_blocks"] == stats["num_blocks"] and not stats["num_requests_running"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"KV pool not whole: {engine.stats()}")
