@@ -5,7 +5,7 @@ With a single worker there is nothing to route between, and the hop from ingress
 engine needs: on a 2-core machine it cut the served goodput to a third of what the same router
 and engine give in one process (benchmarks/compare.py). So `build_app` puts the router's
 frontend and a `Worker` together here when `num_workers` is 1; the worker still publishes its
-KV events and load to the index (in this process, or Redis when the cluster has one) and still
+KV events to the index (in this process, or Redis when the cluster has one) and still
 shares hot prompt blocks through Redis. Serve restarts the replica if its engine stops.
 """
 
@@ -18,6 +18,7 @@ from ray import serve
 
 from kvstore.index import make_index
 from kvstore.messages import GenerateRequest, RequestDelta
+from kvstore.worker_reports import WorkerReports
 from router.frontend import Frontend
 from router.ingress import serve_app
 from workers.deployment import Worker
@@ -50,9 +51,14 @@ class ColocatedServer:
     ) -> None:
         model_id = frontend["model_id"]
         index = make_index(redis_url, model_id, index_ttl_s)  # in-process without Redis
+        reports = WorkerReports()  # the one worker reports to the frontend beside it
         replica_id = serve.get_replica_context().replica_id.unique_id
-        self.worker = Worker(engine_config, replica_id, index, model_id, redis_url, **options)
-        self._frontend = Frontend(tokenizer_factory(), LocalBackend(self.worker), index, **frontend)
+        self.worker = Worker(
+            engine_config, replica_id, index, reports, model_id, redis_url, **options
+        )
+        self._frontend = Frontend(
+            tokenizer_factory(), LocalBackend(self.worker), index, reports=reports, **frontend
+        )
         self._http = http
 
     def __serve_build_asgi_app__(self):

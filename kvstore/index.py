@@ -34,14 +34,6 @@ class PrefixIndex(ABC):
         """Mark the worker alive now."""
 
     @abstractmethod
-    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
-        """A heartbeat carrying the worker's load and counters (read back for /metrics)."""
-
-    @abstractmethod
-    async def worker_stats(self) -> dict[str, dict[str, float]]:
-        """The last report of each live worker."""
-
-    @abstractmethod
     async def remove_worker(self, worker_id: str) -> None:
         """Forget the worker and every block it held."""
 
@@ -87,7 +79,6 @@ class InMemoryPrefixIndex(PrefixIndex):
         self._holders: dict[int, set[str]] = {}
         self._blocks: dict[str, set[int]] = {}
         self._last_seen: dict[str, float] = {}
-        self._stats: dict[str, dict[str, float]] = {}
 
     async def publish(self, worker_id: str, events: Sequence[KVEvent]) -> None:
         self._last_seen[worker_id] = self._clock()
@@ -111,18 +102,6 @@ class InMemoryPrefixIndex(PrefixIndex):
             if seen <= cutoff:
                 self._forget(worker)
 
-    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
-        await self.heartbeat(worker_id)
-        self._stats[worker_id] = dict(stats)
-
-    async def worker_stats(self) -> dict[str, dict[str, float]]:
-        cutoff = self._clock() - self._ttl_s
-        return {
-            worker: stats
-            for worker, stats in self._stats.items()
-            if self._last_seen.get(worker, cutoff) > cutoff
-        }
-
     async def remove_worker(self, worker_id: str) -> None:
         self._forget(worker_id)
 
@@ -138,7 +117,6 @@ class InMemoryPrefixIndex(PrefixIndex):
         self._holders.clear()
         self._blocks.clear()
         self._last_seen.clear()
-        self._stats.clear()
 
     def _drop_holder(self, block_hash: int, worker_id: str) -> None:
         holders = self._holders.get(block_hash)
@@ -149,7 +127,6 @@ class InMemoryPrefixIndex(PrefixIndex):
 
     def _forget(self, worker_id: str) -> None:
         self._last_seen.pop(worker_id, None)
-        self._stats.pop(worker_id, None)
         for block_hash in self._blocks.pop(worker_id, ()):
             self._drop_holder(block_hash, worker_id)
 

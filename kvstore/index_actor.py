@@ -1,8 +1,9 @@
-"""The embedded prefix index for a Ray cluster without Redis: one small named actor.
+"""One small named actor per model: the embedded prefix index of a Ray cluster without Redis,
+and, with or without Redis, the workers' stats reports (kvstore/worker_reports.py).
 
-Workers publish to it and the router queries it, each through `ActorPrefixIndex`, which
-speaks the `PrefixIndex` interface. Calls are awaited with a short timeout so an index that
-is slow or gone degrades routing to load-only instead of stalling a request.
+Workers publish to it and the router queries it through `ActorPrefixIndex` (the `PrefixIndex`
+interface) and `ActorWorkerReports`. Calls are awaited with a short timeout so an actor that
+is slow or gone degrades routing to load-only and /metrics to "no report" instead of stalling.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ray
 
 from kvstore.events import KVEvent
 from kvstore.index import InMemoryPrefixIndex, PrefixIndex
+from kvstore.worker_reports import WorkerReports
 
 logger = logging.getLogger(__name__)
 ACTOR_NAMESPACE = "manta"
@@ -25,6 +27,7 @@ ACTOR_NAMESPACE = "manta"
 class PrefixIndexActor:
     def __init__(self, ttl_s: float) -> None:
         self.index = InMemoryPrefixIndex(ttl_s=ttl_s)
+        self.reports = WorkerReports()
 
     async def publish(self, worker_id: str, events: list[KVEvent]) -> None:
         await self.index.publish(worker_id, events)
@@ -33,13 +36,14 @@ class PrefixIndexActor:
         await self.index.heartbeat(worker_id)
 
     async def report(self, worker_id: str, stats: dict[str, float]) -> None:
-        await self.index.report(worker_id, stats)
+        await self.reports.report(worker_id, stats)
 
     async def worker_stats(self) -> dict[str, dict[str, float]]:
-        return await self.index.worker_stats()
+        return await self.reports.worker_stats()
 
     async def remove_worker(self, worker_id: str) -> None:
         await self.index.remove_worker(worker_id)
+        await self.reports.remove_worker(worker_id)
 
     async def match(self, block_hashes: list[int]) -> dict[str, int]:
         return await self.index.match(block_hashes)
@@ -49,8 +53,8 @@ def actor_name(namespace: str) -> str:
     return f"manta-prefix-index:{namespace}"
 
 
-class ActorPrefixIndex(PrefixIndex):
-    """Client of the per-model index actor, creating it on first use."""
+class _ActorClient:
+    """Calls on the per-model actor, creating it on first use; a failure returns a default."""
 
     def __init__(self, namespace: str, ttl_s: float, timeout_s: float = 0.5) -> None:
         self._actor = PrefixIndexActor.options(
@@ -66,20 +70,18 @@ class ActorPrefixIndex(PrefixIndex):
             ref = getattr(self._actor, method).remote(*args)
             return await asyncio.wait_for(ref, self._timeout_s)
         except Exception as error:  # the index is an accelerator, never a failure
-            logger.warning("prefix index %s failed: %s", method, error)
+            logger.warning("index actor %s failed: %s", method, error)
             return default
+
+
+class ActorPrefixIndex(_ActorClient, PrefixIndex):
+    """The prefix index in the per-model actor (a cluster without Redis)."""
 
     async def publish(self, worker_id: str, events: Sequence[KVEvent]) -> None:
         await self._call("publish", worker_id, list(events))
 
     async def heartbeat(self, worker_id: str) -> None:
         await self._call("heartbeat", worker_id)
-
-    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
-        await self._call("report", worker_id, stats)
-
-    async def worker_stats(self) -> dict[str, dict[str, float]]:
-        return await self._call("worker_stats", default={})
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._call("remove_worker", worker_id)
@@ -89,6 +91,19 @@ class ActorPrefixIndex(PrefixIndex):
 
     async def close(self) -> None:
         return None
+
+
+class ActorWorkerReports(_ActorClient):
+    """The workers' stats reports in the per-model actor: `WorkerReports`' methods."""
+
+    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
+        await self._call("report", worker_id, stats)
+
+    async def worker_stats(self) -> dict[str, dict[str, float]]:
+        return await self._call("worker_stats", default={})
+
+    async def remove_worker(self, worker_id: str) -> None:
+        await self._call("remove_worker", worker_id)
 
 
 def kill_index_actor(namespace: str) -> None:

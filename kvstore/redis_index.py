@@ -13,7 +13,6 @@ server costs requests nothing. The connection pool reconnects once Redis is back
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,7 +35,7 @@ _T = TypeVar("_T")
 
 # Forgets a worker atomically: unless forced, only if its last-seen time is still at or
 # before the cutoff, so a worker that heartbeats again in the meantime keeps its blocks.
-# KEYS: live, worker set, stats hash. ARGV: worker id, cutoff, block key prefix, force.
+# KEYS: live, worker set. ARGV: worker id, cutoff, block key prefix, force.
 _FORGET_SCRIPT = """
 if ARGV[4] ~= '1' then
   local seen = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -47,7 +46,6 @@ for _, block_hash in ipairs(redis.call('SMEMBERS', KEYS[2])) do
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -75,7 +73,6 @@ class RedisPrefixIndex(PrefixIndex):
         self._clock = clock
         self._prefix = f"manta:{namespace}:"
         self._live_key = self._prefix + "live"
-        self._stats_key = self._prefix + "stats"
         self._block_prefix = self._prefix + "block:"
         self._redis = aioredis.Redis.from_url(
             url,
@@ -120,21 +117,6 @@ class RedisPrefixIndex(PrefixIndex):
         for stale in replies[1]:
             await self._guarded(lambda stale=stale: self._forget_worker(stale, cutoff, False))
 
-    async def report(self, worker_id: str, stats: dict[str, float]) -> None:
-        await self.heartbeat(worker_id)
-        await self._guarded(lambda: self._redis.hset(self._stats_key, worker_id, json.dumps(stats)))
-
-    async def worker_stats(self) -> dict[str, dict[str, float]]:
-        cutoff = self._clock() - self._ttl_s
-        pipe = self._redis.pipeline(transaction=False)
-        pipe.zrangebyscore(self._live_key, f"({cutoff!r}", "+inf")
-        pipe.hgetall(self._stats_key)
-        replies = await self._guarded(pipe.execute)
-        if replies is None:
-            return {}
-        live, reports = set(replies[0]), replies[1]
-        return {worker: json.loads(raw) for worker, raw in reports.items() if worker in live}
-
     async def remove_worker(self, worker_id: str) -> None:
         await self._guarded(lambda: self._forget_worker(worker_id, self._clock(), True))
 
@@ -160,7 +142,7 @@ class RedisPrefixIndex(PrefixIndex):
 
     def _forget_worker(self, worker_id: str, cutoff: float, force: bool) -> Awaitable[int]:
         return self._forget(
-            keys=[self._live_key, self._worker_key(worker_id), self._stats_key],
+            keys=[self._live_key, self._worker_key(worker_id)],
             args=[worker_id, repr(cutoff), self._block_prefix, "1" if force else "0"],
         )
 

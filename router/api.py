@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
@@ -276,6 +277,8 @@ async def _merged(
 async def _prepare(request: Request, body, prompts: list[list[int]], tenant: str | None):
     """One GenerateRequest per choice (prompt x n), each with its own seed when seeded."""
     state: ServerState = request.app.state.manta
+    if state.liveness is not None and (reason := await state.liveness()) is not None:
+        raise WorkerUnavailableError(reason)  # 503 now, rather than queue for a worker
     sampling = body.to_sampling_kwargs()
     n = sampling.pop("n")
     subs = []
@@ -393,4 +396,27 @@ def create_app(state: ServerState) -> FastAPI:
             logger.exception("reading worker stats for /metrics failed")
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI document with the request bodies the routes parse themselves (they read
+    the raw body so that keys, size and content type are checked before any parsing)."""
+    if app.openapi_schema is None:
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        bodies = {
+            "/v1/completions": CompletionRequest,
+            "/v1/chat/completions": ChatCompletionRequest,
+        }
+        for path, model in bodies.items():
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            document["paths"][path]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": ref}},
+            }  # fmt: skip
+        app.openapi_schema = document
+    return app.openapi_schema

@@ -18,6 +18,7 @@ from kvstore.hashing import hash_block, hash_blocks, salted_root
 from kvstore.index import PrefixIndex
 from kvstore.messages import GenerateRequest, RequestDelta, RoutingHint, WorkerUnavailableError
 from kvstore.sampling_params import SamplingParams
+from kvstore.worker_reports import Reports, WorkerReports
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Frontend:
         is_worker_failure: Callable[[BaseException], bool] = lambda e: False,
         special_tokens_in_content: bool = False,
         on_recovery: Callable[[str], None] = lambda kind: None,
+        reports: Reports | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
@@ -71,6 +73,7 @@ class Frontend:
         self.is_worker_failure = is_worker_failure
         self.special_tokens_in_content = special_tokens_in_content
         self.on_recovery = on_recovery  # called with "retry" or "migration"
+        self.reports = reports if reports is not None else WorkerReports()
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -127,8 +130,8 @@ class Frontend:
         return GenerateRequest(uuid.uuid4().hex, token_ids, params, priority, hint, hashes)
 
     async def worker_stats(self) -> dict[str, dict]:
-        """Each live worker's last reported stats (through the index), for /metrics."""
-        return await self.index.worker_stats()
+        """Each live worker's last reported stats, for /metrics."""
+        return await self.reports.worker_stats()
 
     # -- dispatch ---------------------------------------------------------------------------
     async def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
@@ -152,6 +155,8 @@ class Frontend:
                     raise WorkerUnavailableError(f"workers kept failing: {error}") from error
                 kind = "migration" if migration.started else "retry"
                 logger.warning("worker failed (%s); %s on another", error, kind)
+                if migration.worker_id:  # its gauges leave /metrics now
+                    await self.reports.remove_worker(migration.worker_id)
                 self.on_recovery(kind)
                 migration.request = await self._continuation(migration)
 
@@ -185,6 +190,7 @@ class _Migration:
         self.sent_text: list[str] = []
         self.resume_text = ""  # text of sent tokens the dead worker still held back
         self.num_cached_tokens: int | None = None
+        self.worker_id = ""  # who streamed the last delta
         self.finished = False
 
     @property
@@ -199,6 +205,7 @@ class _Migration:
         """The delta as the client must see it: one request, one prompt, one usage."""
         if self.num_cached_tokens is None:
             self.num_cached_tokens = delta.num_cached_tokens
+        self.worker_id = delta.worker_id
         if self.request is not self.original:
             delta.request_id = self.original.request_id
             delta.num_prompt_tokens = len(self.original.prompt_token_ids)

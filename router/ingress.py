@@ -17,7 +17,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from kvstore.index import make_index
-from kvstore.index_actor import ActorPrefixIndex
+from kvstore.index_actor import ActorPrefixIndex, ActorWorkerReports
 from kvstore.messages import (
     GenerateRequest,
     RequestDelta,
@@ -135,6 +135,7 @@ class Ingress:
             ServeBackend(worker_handle),
             index,
             is_worker_failure=is_worker_failure,
+            reports=ActorWorkerReports(model_id, index_ttl_s),
             **frontend,
         )
         self._http = http

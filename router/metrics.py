@@ -22,6 +22,10 @@ WORKER_METRICS = {
     "num_requests_running": ("manta_num_requests_running", "gauge", "Requests holding KV."),
     "num_requests_waiting": ("manta_num_requests_waiting", "gauge", "Requests queued."),
     "kv_cache_usage": ("manta_kv_cache_usage_ratio", "gauge", "Fraction of KV blocks in use."),
+    "num_blocks": ("manta_kv_blocks", "gauge", "KV blocks in the pool."),
+    "num_free_blocks": (
+        "manta_kv_free_blocks", "gauge", "KV blocks no request holds (cached ones included)."
+    ),
     "num_preemptions": ("manta_num_preemptions_total", "counter", "Requests preempted."),
     "num_requests_shed": (
         "manta_requests_shed_total", "counter", "Requests refused: predicted TTFT over the SLO."

@@ -10,6 +10,7 @@ import pytest
 from kvstore.index import InMemoryPrefixIndex
 from kvstore.messages import GenerateRequest, WorkerOverloadedError
 from kvstore.sampling_params import SamplingParams
+from kvstore.worker_reports import WorkerReports
 from workers.admission import AdmissionControl, predicted_ttft
 from workers.batching_policy import StepTimeModel
 from workers.deployment import Worker
@@ -32,9 +33,7 @@ def test_refuses_only_what_would_miss_the_slo_and_never_a_request_alone():
     control.admitted(1000)  # about 1.3 s of prefill ahead
     refusal = control.check(10, num_running=0)
     assert refusal is not None and refusal.predicted_ttft_s > 0.5
-    assert refusal.retry_after_s == pytest.approx(
-        predicted_ttft(1000, 0, 256, model()) - 0.5 + 0.1
-    )
+    assert refusal.retry_after_s == pytest.approx(predicted_ttft(1000, 0, 256, model()) - 0.5 + 0.1)
     assert control.num_refused == 1
     control.started(1000)
     assert control.check(10, num_running=0) is None
@@ -44,7 +43,7 @@ def test_refuses_only_what_would_miss_the_slo_and_never_a_request_alone():
 def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
     async def main():
         config = EngineConfig(model=tiny_model, num_blocks=256, max_num_seqs=8)
-        worker = Worker(config, "w", InMemoryPrefixIndex(), "ns", slo_ttft_s=0.05)
+        worker = Worker(config, "w", InMemoryPrefixIndex(), WorkerReports(), "ns", slo_ttft_s=0.05)
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
         async def one(i: int):
@@ -57,7 +56,13 @@ def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
 
         try:
             results = await asyncio.gather(*(one(i) for i in range(30)))
-            return results, worker.admission.queued_tokens, worker.engine.stats()
+            # The engine thread frees a finished request's blocks just after its last delta.
+            for _ in range(100):
+                stats = worker.engine.stats()
+                if stats["num_free_blocks"] == stats["num_blocks"]:
+                    break
+                await asyncio.sleep(0.02)
+            return results, worker.admission.queued_tokens, stats
         finally:
             await worker.close()
 

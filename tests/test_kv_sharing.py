@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
+from benchmarks.redis_server import RedisServer
 from kvstore.block_store import BlockPayload, BlockStore
 from kvstore.hashing import hash_blocks
-from tests.redis_server import RedisServer
 from workers import Engine, EngineConfig, SamplingParams
 from workers.kv_transfer import LoadCostModel
 

@@ -171,22 +171,6 @@ async def test_expired_worker_counts_again_after_heartbeat_before_sweep(
     assert await index.match(CHAIN) == {"slow": 2}
 
 
-async def test_worker_reports_are_read_back_while_alive(make: IndexFactory) -> None:
-    clock = FakeClock()
-    index = make(ttl_s=10.0, clock=clock)
-    await index.report("a", {"num_requests_running": 3, "kv_cache_usage": 0.5})
-    clock.now += 6
-    await index.report("b", {"num_requests_running": 1})
-    assert await index.worker_stats() == {
-        "a": {"num_requests_running": 3, "kv_cache_usage": 0.5},
-        "b": {"num_requests_running": 1},
-    }
-    clock.now += 6  # a has been silent for 12 s > ttl
-    assert await index.worker_stats() == {"b": {"num_requests_running": 1}}
-    await index.remove_worker("b")
-    assert await index.worker_stats() == {}
-
-
 async def test_remove_worker(make: IndexFactory) -> None:
     index = make()
     await index.publish("a", [BlockStored(tuple(CHAIN))])

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
+from benchmarks.redis_server import RedisServer
 from kvstore.block_store import BlockStore
 from kvstore.events import BlockStored
 from kvstore.kv_payload import BlockPayload
 from kvstore.redis_index import RedisPrefixIndex
-from tests.redis_server import RedisServer
 
 
 class BlackholeProxy:

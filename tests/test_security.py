@@ -6,22 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from benchmarks.one_process_server import EngineBackend
-from kvstore.index import InMemoryPrefixIndex
 from router.api import RequestLimits, ServerState, create_app
 from router.auth import Authenticator, RateLimitedError, RateLimiter, parse_api_keys
-from router.frontend import Frontend
+from tests.http_server import Server, engine_frontend
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
 
@@ -29,38 +24,10 @@ KEYS = ["key-alpha-0001:alpha", "key-beta-00002:beta", "key-gamma-0003"]
 SYSTEM = "You are the support desk of a shipping company. " * 12  # a long shared prompt
 
 
-class Server:
-    """An app on a real port, served by uvicorn on a thread of its own."""
-
-    def __init__(self, app) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def frontend(tiny_model):
     engine = AsyncEngine(EngineConfig(model=tiny_model, num_blocks=128, max_num_seqs=8))
-    yield Frontend(
-        engine.tokenizer,
-        EngineBackend(engine, 0.0),
-        InMemoryPrefixIndex(),
-        model_name="tiny",
-        model_id="tiny",
-        max_model_len=engine.engine.max_model_len,
-        block_size=16,
-    )
+    yield engine_frontend(engine)
     engine.shutdown()
 
 

@@ -18,13 +18,14 @@ from ray import serve
 
 from kvstore.block_store import BlockStore
 from kvstore.index import PrefixIndex, make_index
-from kvstore.index_actor import ActorPrefixIndex
+from kvstore.index_actor import ActorPrefixIndex, ActorWorkerReports
 from kvstore.messages import (
     GenerateRequest,
     RequestDelta,
     RequestRejectedError,
     WorkerOverloadedError,
 )
+from kvstore.worker_reports import Reports
 from workers.admission import AdmissionControl
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
@@ -35,15 +36,17 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    """One engine and what it shares: KV events and load to the prefix index, hot prompt
-    blocks to the block store. A `WorkerDeployment` replica holds one; so does a co-located
-    ingress (cluster/colocated.py), which calls `generate` in its own process."""
+    """One engine and what it shares: KV events to the prefix index, load and counters to the
+    reports (what /metrics shows), hot prompt blocks to the block store. A `WorkerDeployment`
+    replica holds one; so does a co-located ingress (cluster/colocated.py), which calls
+    `generate` in its own process."""
 
     def __init__(
         self,
         engine_config: EngineConfig,
         worker_id: str,
         index: PrefixIndex,
+        reports: Reports,
         namespace: str,
         redis_url: str | None = None,
         publish_interval_s: float = 0.2,
@@ -57,6 +60,7 @@ class Worker:
         )
         self.worker_id = worker_id
         self.index = index
+        self.reports = reports
         self.max_in_flight = max_in_flight  # requests running or queued here at once
         self._in_flight = 0
         self.publish_interval_s = publish_interval_s
@@ -78,7 +82,8 @@ class Worker:
                 exports = self.engine.take_exports()
                 if exports and self.block_store is not None:
                     await self.block_store.put(exports)
-                await self.index.report(self.worker_id, self.stats())
+                await self.index.heartbeat(self.worker_id)
+                await self.reports.report(self.worker_id, self.stats())
             except Exception:  # the index is an accelerator: never let it stop the worker
                 logger.exception("publishing KV events failed")
             await asyncio.sleep(self.publish_interval_s)
@@ -186,6 +191,7 @@ class Worker:
         self._publisher.cancel()
         with contextlib.suppress(Exception):
             await self.index.remove_worker(self.worker_id)
+            await self.reports.remove_worker(self.worker_id)
         self.engine.shutdown()
 
 
@@ -205,8 +211,12 @@ class WorkerDeployment:
             if redis_url
             else ActorPrefixIndex(namespace, index_ttl_s)
         )
+        # Reports go through Ray, not Redis: /metrics keeps every worker during a Redis outage.
+        reports = ActorWorkerReports(namespace, index_ttl_s)
         replica_id = serve.get_replica_context().replica_id.unique_id
-        self.worker = Worker(engine_config, replica_id, index, namespace, redis_url, **options)
+        self.worker = Worker(
+            engine_config, replica_id, index, reports, namespace, redis_url, **options
+        )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         async for delta in self.worker.generate(request):

@@ -10,10 +10,10 @@ import pytest
 import ray
 from ray import serve
 
+from benchmarks.redis_server import RedisServer, free_port
 from cluster.app import build_app
 from cluster.config import ClusterConfig
 from kvstore.index_actor import kill_index_actor
-from tests.redis_server import RedisServer, free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 

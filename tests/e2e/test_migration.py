@@ -99,6 +99,27 @@ def test_streams_and_plain_requests_survive_a_worker_killed_mid_stream(base_url,
     metrics = httpx.get(base_url + "/metrics").text
     migrated = re.search(r'^manta_request_recoveries_total{kind="migration"} (\S+)$', metrics, re.M)
     assert migrated and float(migrated.group(1)) >= 1  # streams really moved mid-way
+    assert_pools_whole(base_url)
+
+
+def assert_pools_whole(base_url: str, timeout_s: float = 15.0) -> None:
+    """Every listed worker's KV pool has every block free and runs nothing."""
+    pattern = r'^manta_({})(?:_total)?{{worker="([^"]+)"}} (\S+)$'
+    pattern = pattern.format("kv_blocks|kv_free_blocks|num_requests_running|num_requests_waiting")
+    deadline = time.time() + timeout_s
+    while True:
+        stats: dict[str, dict[str, float]] = {}
+        for name, worker, value in re.findall(pattern, httpx.get(base_url + "/metrics").text, re.M):
+            stats.setdefault(worker, {})[name] = float(value)
+        whole = stats and all(
+            s["kv_free_blocks"] == s["kv_blocks"] > 0
+            and s["num_requests_running"] == s["num_requests_waiting"] == 0
+            for s in stats.values()
+        )
+        if whole:
+            return
+        assert time.time() < deadline, f"KV pools not whole: {stats}"
+        time.sleep(0.2)
 
 
 def test_health_says_503_while_no_worker_runs_and_recovers(base_url):

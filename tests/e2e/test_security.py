@@ -14,10 +14,10 @@ import ray
 import redis as redis_client
 from ray import serve
 
+from benchmarks.redis_server import RedisServer
 from cluster.app import build_app
 from cluster.config import ClusterConfig
 from kvstore.index_actor import kill_index_actor
-from tests.redis_server import RedisServer
 from workers import LLM, SamplingParams
 
 NAME = "tiny-secure"

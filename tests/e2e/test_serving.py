@@ -250,10 +250,19 @@ def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
     wait_workers_running()
     if served.redis is not None:
         served.redis.stop()  # Redis is an accelerator: routing falls back to load only
-    replicas = [
-        a for a in ray.util.list_named_actors(all_namespaces=True)
-        if "MantaWorker" in a["name"]
-    ]  # fmt: skip
+    deadline = time.time() + 15  # a worker killed just before may still be listed a while
+    while True:
+        replicas = [
+            a for a in ray.util.list_named_actors(all_namespaces=True)
+            if "MantaWorker" in a["name"]
+        ]  # fmt: skip
+        ids = {a["name"].rsplit("#", 1)[-1] for a in replicas}  # replica ids: `worker` labels
+        listed = set(worker_metric(served, "manta_num_requests_running"))
+        if len(ids) == 2 and listed == ids:
+            break
+        assert time.time() < deadline, f"/metrics lists {listed}, replicas are {ids}"
+        time.sleep(0.2)
+    killed = replicas[0]["name"].rsplit("#", 1)[-1]
     ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
 
     async def burst():
@@ -269,6 +278,15 @@ def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
 
     outs = asyncio.run(burst())
     assert all(o.choices[0].finish_reason == "length" for o in outs)
+    # /metrics comes from the workers' own reports through Ray, not Redis: the live worker
+    # stays listed while Redis is down, and the dead one leaves within a freshness period.
+    deadline = time.time() + 8
+    while True:
+        now_listed = set(worker_metric(served, "manta_num_requests_running"))
+        if killed not in now_listed and listed - {killed} <= now_listed:
+            break
+        assert time.time() < deadline, f"/metrics lists {now_listed}, was {listed}"
+        time.sleep(0.1)
     if served.redis is not None:
         served.redis.start()
     wait_workers_running()

@@ -1,0 +1,48 @@
+"""An ASGI app on a real port of 127.0.0.1, for tests that speak real HTTP to it, and the
+router's frontend over an engine in this process (what such an app serves)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from benchmarks.one_process_server import EngineBackend
+from kvstore.index import InMemoryPrefixIndex
+from router.frontend import Frontend
+from workers.async_engine import AsyncEngine
+
+
+class Server:
+    """An app on a real port, served by uvicorn on a thread of its own."""
+
+    def __init__(self, app) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def engine_frontend(engine: AsyncEngine, name: str = "tiny") -> Frontend:
+    """A frontend serving `engine` as model `name`, with an in-process prefix index."""
+    return Frontend(
+        engine.tokenizer,
+        EngineBackend(engine, 0.0),
+        InMemoryPrefixIndex(),
+        model_name=name,
+        model_id=name,
+        max_model_len=engine.engine.max_model_len,
+        block_size=engine.engine.config.block_size,
+    )
