@@ -30,8 +30,9 @@ class PrefixIndex(ABC):
         """Apply one worker's batch of events, in order."""
 
     @abstractmethod
-    async def heartbeat(self, worker_id: str) -> None:
-        """Mark the worker alive now."""
+    async def heartbeat(self, worker_id: str) -> bool:
+        """Mark the worker alive now. False when the index had lost it (it started empty,
+        expired the worker, or was unreachable since): the worker publishes its blocks again."""
 
     @abstractmethod
     async def remove_worker(self, worker_id: str) -> None:
@@ -93,14 +94,16 @@ class InMemoryPrefixIndex(PrefixIndex):
                     self._drop_holder(block_hash, worker_id)
                 blocks.difference_update(event.block_hashes)
 
-    async def heartbeat(self, worker_id: str) -> None:
+    async def heartbeat(self, worker_id: str) -> bool:
         now = self._clock()
+        known = worker_id in self._last_seen  # not yet swept: its blocks are all still here
         self._last_seen[worker_id] = now
         # Lazy cleanup: each heartbeat sweeps workers that stopped beating.
         cutoff = now - self._ttl_s
         for worker, seen in list(self._last_seen.items()):
             if seen <= cutoff:
                 self._forget(worker)
+        return known
 
     async def remove_worker(self, worker_id: str) -> None:
         self._forget(worker_id)

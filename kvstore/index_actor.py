@@ -32,8 +32,8 @@ class PrefixIndexActor:
     async def publish(self, worker_id: str, events: list[KVEvent]) -> None:
         await self.index.publish(worker_id, events)
 
-    async def heartbeat(self, worker_id: str) -> None:
-        await self.index.heartbeat(worker_id)
+    async def heartbeat(self, worker_id: str) -> bool:
+        return await self.index.heartbeat(worker_id)
 
     async def report(self, worker_id: str, stats: dict[str, float]) -> None:
         await self.reports.report(worker_id, stats)
@@ -80,8 +80,8 @@ class ActorPrefixIndex(_ActorClient, PrefixIndex):
     async def publish(self, worker_id: str, events: Sequence[KVEvent]) -> None:
         await self._call("publish", worker_id, list(events))
 
-    async def heartbeat(self, worker_id: str) -> None:
-        await self._call("heartbeat", worker_id)
+    async def heartbeat(self, worker_id: str) -> bool:
+        return await self._call("heartbeat", worker_id, default=True)
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._call("remove_worker", worker_id)

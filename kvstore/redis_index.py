@@ -85,6 +85,7 @@ class RedisPrefixIndex(PrefixIndex):
         self._down_until = 0.0
         self._last_warning = float("-inf")
         self._failing = False
+        self._lost_events = False  # a call failed since the last heartbeat
 
     async def publish(self, worker_id: str, events: Sequence[KVEvent]) -> None:
         worker_key = self._worker_key(worker_id)
@@ -104,7 +105,7 @@ class RedisPrefixIndex(PrefixIndex):
                 pipe.srem(worker_key, *members)
         await self._guarded(pipe.execute)
 
-    async def heartbeat(self, worker_id: str) -> None:
+    async def heartbeat(self, worker_id: str) -> bool:
         now = self._clock()
         cutoff = now - self._ttl_s
         pipe = self._redis.pipeline(transaction=False)
@@ -112,10 +113,14 @@ class RedisPrefixIndex(PrefixIndex):
         pipe.zrangebyscore(self._live_key, "-inf", cutoff)
         replies = await self._guarded(pipe.execute)
         if replies is None:
-            return
+            return True  # nothing to publish again while Redis is away
+        # Events published while Redis was away were dropped; a restarted Redis is empty.
+        known = replies[0] == 0 and not self._lost_events
+        self._lost_events = False
         # Lazy cleanup: each heartbeat sweeps workers that stopped beating.
         for stale in replies[1]:
             await self._guarded(lambda stale=stale: self._forget_worker(stale, cutoff, False))
+        return known
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._guarded(lambda: self._forget_worker(worker_id, self._clock(), True))
@@ -163,6 +168,7 @@ class RedisPrefixIndex(PrefixIndex):
     def _on_failure(self, exc: Exception) -> None:
         now = time.monotonic()
         self._failing = True
+        self._lost_events = True
         self._down_until = now + self._retry_interval_s
         if now - self._last_warning >= WARN_INTERVAL_S:
             self._last_warning = now

@@ -282,3 +282,11 @@ async def test_redis_stopped_mid_run_then_back() -> None:
     finally:
         await index.close()
         _stop_redis(proc)
+
+
+async def test_heartbeat_says_whether_the_index_knew_the_worker(make: IndexFactory) -> None:
+    index = make()
+    assert await index.heartbeat("a") is False  # new to the index: publish everything
+    assert await index.heartbeat("a") is True
+    await index.remove_worker("a")
+    assert await index.heartbeat("a") is False  # forgotten: its blocks must be told again

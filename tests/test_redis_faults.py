@@ -1,6 +1,6 @@
 """Redis reachable but not answering (a TCP proxy that stops forwarding): the prefix index and
 the block store give "nothing found" within their timeouts, never hang or raise, skip Redis
-while it is down, and work again once it answers."""
+while it is down, and work again once it answers; workers then publish their caches again."""
 
 from __future__ import annotations
 
@@ -14,8 +14,14 @@ import pytest
 from benchmarks.redis_server import RedisServer
 from kvstore.block_store import BlockStore
 from kvstore.events import BlockStored
+from kvstore.hashing import hash_blocks
 from kvstore.kv_payload import BlockPayload
+from kvstore.messages import GenerateRequest
 from kvstore.redis_index import RedisPrefixIndex
+from kvstore.sampling_params import SamplingParams
+from kvstore.worker_reports import WorkerReports
+from workers.deployment import Worker
+from workers.engine import EngineConfig
 
 
 class BlackholeProxy:
@@ -67,6 +73,7 @@ def proxy():
     redis = RedisServer()
     redis.start()
     proxy = BlackholeProxy(redis.port)
+    proxy.redis = redis
     yield proxy
     proxy.stop()
     redis.stop()
@@ -101,3 +108,55 @@ def test_a_silent_redis_costs_bounded_time_and_recovers(proxy):
         assert (await store.get_many([11]))[0] == payload
 
     asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_workers_publish_their_blocks_again_when_redis_returns(tiny_model, proxy):
+    """Redis restarted empty, or silent for a while (events dropped): either way the worker's
+    next heartbeat learns it, and its whole cache is in the index again soon after."""
+
+    async def main():
+        index = RedisPrefixIndex(proxy.url, "resync", socket_timeout_s=0.2, retry_interval_s=0.3)
+        config = EngineConfig(model=tiny_model, num_blocks=64, max_num_seqs=4)
+        worker = Worker(config, "w1", index, WorkerReports(), "resync", publish_interval_s=0.05)
+        reader = RedisPrefixIndex(proxy.url, "resync", socket_timeout_s=0.2, retry_interval_s=0.3)
+        prompt = list(range(5, 69))  # four full blocks
+        hashes = hash_blocks(prompt, 16)
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+        async def index_holds_the_prompt(timeout_s: float) -> bool:
+            deadline = time.time() + timeout_s
+            while time.time() < deadline:
+                if (await reader.match(hashes)).get("w1") == 4:
+                    return True
+                await asyncio.sleep(0.05)
+            return False
+
+        try:
+            request = GenerateRequest("r1", prompt, params, block_hashes=hashes)
+            assert [d async for d in worker.generate(request)][-1].finished
+            assert await index_holds_the_prompt(5)
+
+            proxy.redis.kill()  # gone, then back empty: no event will name these blocks again
+            await asyncio.sleep(0.3)
+            proxy.redis.start()
+            assert await index_holds_the_prompt(5)
+
+            proxy.frozen = True  # silent: the worker's publishes fail meanwhile
+            await asyncio.sleep(0.5)
+            await proxy_flush(proxy)
+            proxy.frozen = False
+            assert await index_holds_the_prompt(5)
+        finally:
+            await worker.close()
+            await reader.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+async def proxy_flush(proxy) -> None:
+    """Empty Redis behind the frozen proxy, as if it had lost what the worker published."""
+    import redis.asyncio as aioredis
+
+    direct = aioredis.Redis.from_url(proxy.redis.url)
+    await direct.flushdb()
+    await direct.aclose()

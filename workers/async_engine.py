@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from kvstore.events import BlockStored
 from kvstore.messages import RequestDelta
 from kvstore.sampling_params import SamplingParams
 from workers.engine import Engine, EngineConfig
@@ -124,6 +125,11 @@ class AsyncEngine:
         """Block stored/removed events since the last call (safe from any thread)."""
         return _drain(self._events)
 
+    def republish_cache(self) -> None:
+        """Queue one event naming every cached block, for an index that lost them (it
+        restarted empty, or dropped events while unreachable); safe from any thread."""
+        self._inbox.put(("republish",))
+
     def take_exports(self) -> list:
         """Hot block payloads to publish to the shared block store (safe from any thread)."""
         return _drain(self._exports)
@@ -196,6 +202,10 @@ class AsyncEngine:
         elif item[0] == "abort":
             self.engine.abort_request(item[1])
             self._sinks.pop(item[1], None)
+        elif item[0] == "republish":
+            pool = self.engine.kv.pool
+            self._events.extend(pool.drain_events())  # older than the snapshot: first
+            self._events.append(BlockStored(tuple(pool.cached_hashes())))
 
     def _deliver(self, deltas: list[RequestDelta]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}

@@ -224,6 +224,10 @@ class BlockPool:
         self._cached[block_hash] = block
         self._emit(BlockStored, block_hash)
 
+    def cached_hashes(self) -> list[int]:
+        """The hash of every cached block (what a fresh prefix index must be told again)."""
+        return list(self._cached)
+
     def drain_events(self) -> list[KVEvent]:
         """Events since the last drain, oldest first; consecutive ones of a kind are merged."""
         events: list[KVEvent] = [kind(tuple(hashes)) for kind, hashes in self._events]
