@@ -31,6 +31,9 @@ class GenerateRequest:
     # Chained hashes of the prompt's full blocks (kvstore.hashing, keyed by the model id),
     # computed once by the router; the worker's prefix cache and KV sharing reuse them.
     block_hashes: list[int] | None = None
+    # When the client's request reached the router (wall clock), so that a worker's admission
+    # counts the time it already waited; None: admitted whatever the SLO (a resumed stream).
+    arrival_s: float | None = None
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ sheds what would miss the SLO, finishes what it admitted and returns to an empty
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -40,6 +41,22 @@ def test_refuses_only_what_would_miss_the_slo_and_never_a_request_alone():
     assert AdmissionControl(None, 256, model()).check(10**6, 0) is None  # shedding off
 
 
+def test_full_slots_and_time_already_waited_count_toward_the_slo():
+    control = AdmissionControl(0.5, 256, model(), max_num_seqs=4)
+    for _ in range(4):
+        control.admitted(10, max_tokens=100)  # the mean decode moves toward 100 tokens
+    # 4 slots, all 4 requests ahead still queued: a fifth waits a round of decodes.
+    refusal = control.check(10, num_running=0)
+    assert refusal is not None and refusal.predicted_ttft_s > 0.5
+    for _ in range(4):
+        control.started(10)
+    assert control.check(10, num_running=2) is None  # free slots, nothing queued
+    assert control.check(10, num_running=4) is not None  # every slot decoding: a round to wait
+    assert control.check(10, num_running=0, waited_s=0.2) is None
+    control.admitted(10, max_tokens=1)
+    assert control.check(10, num_running=0, waited_s=0.6) is not None  # already late
+
+
 def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
     async def main():
         config = EngineConfig(model=tiny_model, num_blocks=256, max_num_seqs=8)
@@ -48,7 +65,7 @@ def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
 
         async def one(i: int):
             prompt = [(i * 7 + t) % 900 + 5 for t in range(600)]
-            request = GenerateRequest(f"r{i}", prompt, params)
+            request = GenerateRequest(f"r{i}", prompt, params, arrival_s=time.time())
             try:
                 return [d async for d in worker.generate(request)]
             except WorkerOverloadedError as error:

@@ -1,12 +1,14 @@
 """Admission by predicted time to first token, so overload is shed instead of queued.
 
-A worker keeps count of the prompt tokens it has admitted that have not produced a first token
-yet. A new request's first token waits for all of them and its own prompt: prefill steps of
-up to `max_num_batched_tokens` tokens (less the running decodes each step also carries), each
-costing what the engine's own step-time model says. When that predicted wait exceeds the TTFT
-SLO, the request is refused at once with a Retry-After of how long the backlog needs to drain
-below it. A request that finds nothing ahead of it is always admitted: it is as fast as the
-worker gets.
+A worker keeps count of the requests (and their prompt tokens) it has admitted that have not
+produced a first token yet. A new request's first token waits for three things: the time it
+already spent on the way (in the router's queue), a free sequence slot when `max_num_seqs`
+are taken (the running requests must finish their decodes first), and the prefill of every
+prompt ahead of it and its own, in steps of up to `max_num_batched_tokens` tokens beside the
+running decodes. Each step costs what the engine's own step-time model says. When that
+predicted wait exceeds the TTFT SLO, the request is refused at once with a Retry-After of how
+long the backlog needs to drain below it. A request that finds nothing ahead of it is always
+admitted: it is as fast as the worker gets.
 """
 
 from __future__ import annotations
@@ -36,30 +38,55 @@ def predicted_ttft(
 
 class AdmissionControl:
     def __init__(
-        self, slo_ttft_s: float | None, max_num_batched_tokens: int, step_time: StepTimeModel
+        self,
+        slo_ttft_s: float | None,
+        max_num_batched_tokens: int,
+        step_time: StepTimeModel,
+        max_num_seqs: int | None = None,
     ) -> None:
         self.slo_ttft_s = slo_ttft_s
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
         self.step_time = step_time
         self.queued_tokens = 0  # admitted prompt tokens still waiting for their first token
+        self.queued_requests = 0
+        self.mean_output_tokens = 0.0  # of admitted requests (their max_tokens), a moving mean
         self.num_refused = 0
 
-    def check(self, prompt_tokens: int, num_running: int) -> Refusal | None:
+    def check(self, prompt_tokens: int, num_running: int, waited_s: float = 0.0) -> Refusal | None:
         """None to admit (then `admitted` and, at its first token, `started`), else why not."""
-        if self.slo_ttft_s is None or self.queued_tokens == 0:
+        if self.slo_ttft_s is None:
+            return None
+        slot_wait = self._slot_wait(self.queued_requests + 1, num_running)
+        if self.queued_tokens == 0 and slot_wait == 0.0:
             return None
         tokens = self.queued_tokens + prompt_tokens
-        ttft = predicted_ttft(tokens, num_running, self.max_num_batched_tokens, self.step_time)
+        prefill = predicted_ttft(tokens, num_running, self.max_num_batched_tokens, self.step_time)
+        ttft = waited_s + slot_wait + prefill
         if ttft <= self.slo_ttft_s:
             return None
         self.num_refused += 1
-        ahead = predicted_ttft(
+        ahead = self._slot_wait(self.queued_requests, num_running) + predicted_ttft(
             self.queued_tokens, num_running, self.max_num_batched_tokens, self.step_time
         )
         return Refusal(ttft, max(ahead - self.slo_ttft_s, 0.0) + 0.1)
 
-    def admitted(self, prompt_tokens: int) -> None:
+    def _slot_wait(self, num_new: int, num_running: int) -> float:
+        """Seconds until `num_new` more requests all hold a sequence slot: each "round" of
+        `max_num_seqs` that must finish first takes a mean decode at a full batch."""
+        if self.max_num_seqs is None:
+            return 0.0
+        over = num_running + num_new - self.max_num_seqs
+        if over <= 0:
+            return 0.0
+        rounds = math.ceil(over / self.max_num_seqs)
+        return rounds * self.mean_output_tokens * self.step_time.seconds(self.max_num_seqs)
+
+    def admitted(self, prompt_tokens: int, max_tokens: int = 0) -> None:
         self.queued_tokens += prompt_tokens
+        self.queued_requests += 1
+        self.mean_output_tokens += 0.1 * (max_tokens - self.mean_output_tokens)
 
     def started(self, prompt_tokens: int) -> None:
         self.queued_tokens = max(0, self.queued_tokens - prompt_tokens)
+        self.queued_requests = max(0, self.queued_requests - 1)

@@ -56,7 +56,10 @@ class Worker:
     ) -> None:
         self.engine = AsyncEngine(engine_config)
         self.admission = AdmissionControl(
-            slo_ttft_s, engine_config.max_num_batched_tokens, self.engine.engine.step_time
+            slo_ttft_s,
+            engine_config.max_num_batched_tokens,
+            self.engine.engine.step_time,
+            engine_config.max_num_seqs,
         )
         self.worker_id = worker_id
         self.index = index
@@ -76,13 +79,16 @@ class Worker:
     async def _publish_loop(self) -> None:
         while True:
             try:
+                # First, before a publish marks this worker alive again: has the index lost
+                # what it holds (Redis restarted empty, or events dropped while it was away)?
+                if not await self.index.heartbeat(self.worker_id):
+                    self.engine.republish_cache()
                 events = self.engine.take_events()
                 if events:
                     await self.index.publish(self.worker_id, events)
                 exports = self.engine.take_exports()
                 if exports and self.block_store is not None:
                     await self.block_store.put(exports)
-                await self.index.heartbeat(self.worker_id)
                 await self.reports.report(self.worker_id, self.stats())
             except Exception:  # the index is an accelerator: never let it stop the worker
                 logger.exception("publishing KV events failed")
@@ -92,7 +98,7 @@ class Worker:
         self._admit(request)
         num_prompt = len(request.prompt_token_ids)
         self._in_flight += 1
-        self.admission.admitted(num_prompt)
+        self.admission.admitted(num_prompt, request.sampling.max_tokens)
         waiting = True
         try:
             async for delta in self._generate(request):
@@ -112,8 +118,11 @@ class Worker:
             raise WorkerOverloadedError(
                 f"worker {self.worker_id} has {self._in_flight} requests in flight", 1.0
             )
+        if request.arrival_s is None:  # a resumed stream: already accepted
+            return
         running = self.engine.stats()["num_requests_running"]
-        refusal = self.admission.check(len(request.prompt_token_ids), running)
+        waited = max(0.0, time.time() - request.arrival_s)
+        refusal = self.admission.check(len(request.prompt_token_ids), running, waited)
         if refusal is not None:
             raise WorkerOverloadedError(
                 f"predicted time to first token {refusal.predicted_ttft_s:.2f} s exceeds the "
