@@ -39,6 +39,9 @@ class SamplingParams:
     # Mixed into the first block's hash (kvstore.hashing.salted_root): requests share cached
     # prefixes only under the same salt. The router sets it from the tenant and `cache_salt`.
     cache_salt: str | None = None
+    # A resumed stream's trailing prompt tokens (tokens it had already sent) whose text the
+    # client has not seen yet: an unfinished character. Their text comes with the next tokens'.
+    resume_unemitted_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -66,6 +69,8 @@ class SamplingParams:
         for stop_str in self.stop:
             if not isinstance(stop_str, str) or not stop_str:
                 _reject("stop", self.stop, "must hold non-empty strings")
+        if self.resume_unemitted_tokens < 0:
+            _reject("resume_unemitted_tokens", self.resume_unemitted_tokens, "must be >= 0")
         if self.stop_token_ids is not None:
             self.stop_token_ids = list(self.stop_token_ids)
             if any(token_id < 0 for token_id in self.stop_token_ids):

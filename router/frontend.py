@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -127,7 +128,9 @@ class Frontend:
             affinity_key=hash_block(root, head, self.hash_key),
             block_size=self.block_size,
         )
-        return GenerateRequest(uuid.uuid4().hex, token_ids, params, priority, hint, hashes)
+        return GenerateRequest(
+            uuid.uuid4().hex, token_ids, params, priority, hint, hashes, time.time()
+        )
 
     async def worker_stats(self) -> dict[str, dict]:
         """Each live worker's last reported stats, for /metrics."""
@@ -164,10 +167,15 @@ class Frontend:
         """A request for the rest of the stream: the tokens already sent become prompt."""
         original = migration.original
         if not migration.started:
-            # A fresh id: the dead worker may still hold the old one in an index entry.
-            return dataclasses.replace(original, request_id=uuid.uuid4().hex, routing=None)
+            # A fresh id: the dead worker may still hold the old one in an index entry. An
+            # accepted request is not shed for the time a dead worker cost it.
+            return dataclasses.replace(
+                original, request_id=uuid.uuid4().hex, routing=None, arrival_s=None
+            )
+        unemitted, migration.resume_text = migration.resume_point(self.tokenizer)
         sampling = dataclasses.replace(
             original.sampling,
+            resume_unemitted_tokens=unemitted,
             max_tokens=original.sampling.max_tokens - len(migration.sent_tokens),
             # The rest of a seeded sample continues from its own seed, shifted per migration.
             seed=None
@@ -177,7 +185,6 @@ class Frontend:
         tokens = original.prompt_token_ids + migration.sent_tokens
         root = salted_root(sampling.cache_salt)
         hashes = hash_blocks(tokens, self.block_size, self.hash_key, root)
-        migration.resume_text = migration.held_back(self.tokenizer)
         return GenerateRequest(uuid.uuid4().hex, tokens, sampling, original.priority, None, hashes)
 
 
@@ -224,10 +231,16 @@ class _Migration:
         """The sent tokens that the current request took as its prompt."""
         return self.request.prompt_token_ids[len(self.original.prompt_token_ids) :]
 
-    def held_back(self, tokenizer: Any) -> str:
-        """Text of the sent tokens that the client has not seen yet (a detokenizer or a stop
-        checker was holding it): their decoded text past what was sent."""
+    def resume_point(self, tokenizer: Any) -> tuple[int, str]:
+        """Where the client's text stands in the sent tokens: how many trailing tokens form
+        an unfinished character (their text is still to come: the next worker decodes them
+        with its first tokens), and the text of the rest that the client has not seen (a stop
+        checker was holding it)."""
         skip = self.original.sampling.skip_special_tokens
-        text = tokenizer.decode(self.sent_tokens, skip_special_tokens=skip).rstrip("\ufffd")
+        tokens = self.sent_tokens
+        for unemitted in range(min(len(tokens), 4) + 1):  # a character is at most 4 bytes
+            text = tokenizer.decode(tokens[: len(tokens) - unemitted], skip_special_tokens=skip)
+            if not text.endswith("\ufffd"):
+                break
         sent = "".join(self.sent_text)
-        return text[len(sent) :] if text.startswith(sent) else ""
+        return unemitted, text[len(sent) :] if text.startswith(sent) else ""

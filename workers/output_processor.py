@@ -21,7 +21,9 @@ class RequestOutputState:
     def __init__(self, request: Request, tokenizer: Tokenizer) -> None:
         params = request.params
         self.detokenizer = tokenizer.detokenizer(
-            request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens
+            request.prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            unemitted=params.resume_unemitted_tokens,
         )
         self.stop_checker = (
             StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None

@@ -33,12 +33,16 @@ class IncrementalDetokenizer:
         backend: tokenizers.Tokenizer,
         prompt_ids: list[int] | None = None,
         skip_special_tokens: bool = True,
+        unemitted: int = 0,
     ) -> None:
         self._backend = backend
         self._skip_special = skip_special_tokens
-        self._ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]) if prompt_ids else []
+        context = max(PROMPT_CONTEXT_TOKENS, unemitted)
+        self._ids = list(prompt_ids[-context:]) if prompt_ids else []
         self._prefix_offset = 0  # window start: tokens before it are never decoded again
-        self._read_offset = len(self._ids)  # tokens before it have been emitted
+        # Tokens before it have been emitted; the prompt's last `unemitted` have not (a
+        # resumed stream's unfinished character), so their text comes out with the next.
+        self._read_offset = max(0, len(self._ids) - unemitted)
         self._prefix_text = self._decode(0, self._read_offset)
         self._text = ""
 

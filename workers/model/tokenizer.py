@@ -299,10 +299,14 @@ class Tokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def detokenizer(
-        self, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+        self,
+        prompt_ids: list[int] | None = None,
+        skip_special_tokens: bool = True,
+        unemitted: int = 0,
     ) -> IncrementalDetokenizer:
-        """A streaming decoder for one request's generated tokens."""
-        return IncrementalDetokenizer(self._backend, prompt_ids, skip_special_tokens)
+        """A streaming decoder for one request's generated tokens (and the prompt's last
+        `unemitted` ones, whose text was never emitted)."""
+        return IncrementalDetokenizer(self._backend, prompt_ids, skip_special_tokens, unemitted)
 
     def _template(self, tools: Any) -> jinja2.Template:
         templates = self._chat_templates
