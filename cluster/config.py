@@ -143,6 +143,7 @@ class ClusterConfig(BaseModel):
             "rate_limit_rps": self.rate_limit_rps,
             "rate_limit_burst": self.rate_limit_burst,
             "max_request_body_bytes": self.max_request_body_bytes,
+            "slo_ttft_s": self.slo_ttft_s,
         }
 
     @property

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvstore.messages import (
     RequestDelta,
@@ -32,6 +33,7 @@ from kvstore.messages import (
     WorkerUnavailableError,
 )
 from router.auth import AuthenticationError, Authenticator, RateLimitedError, RateLimiter
+from router.first_token_gate import FirstTokenGate, GateClosedError
 from router.frontend import ContextLengthError, Frontend
 from router.metrics import Metrics
 from router.protocol import (
@@ -67,6 +69,7 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     # Why the server cannot serve now (no live worker), or None: /health and /ready ask it.
     liveness: Callable[[], Awaitable[str | None]] | None = None
+    gate: FirstTokenGate = field(default_factory=lambda: FirstTokenGate(None))
 
 
 class HTTPError(Exception):
@@ -100,6 +103,11 @@ def _as_http_error(error: BaseException) -> HTTPError:
         )
     if isinstance(error, (RequestRejectedError, ValueError)):
         return HTTPError(400, _reason(error), "invalid_request_error")
+    if isinstance(error, GateClosedError):
+        return HTTPError(
+            429, "The server is overloaded; retry later.", "rate_limit_error", None,
+            "overloaded", error.args[1],
+        )  # fmt: skip
     if isinstance(error, WorkerOverloadedError):
         cause = getattr(error, "cause", None) or error
         wait = cause.args[1] if len(cause.args) > 1 else None
@@ -274,6 +282,24 @@ async def _merged(
             task.cancel()
 
 
+async def _first_delta(gate: FirstTokenGate, merged, num_requests: int):
+    """The first delta of any choice, through the gate: errors before it (a refusal, an
+    overloaded worker) still get a proper HTTP status, and its wait teaches the gate."""
+    gate.enter(num_requests)
+    start, ttft = time.perf_counter(), None
+    try:
+        first = await anext(merged)
+        ttft = time.perf_counter() - start
+        return first
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await merged.aclose()
+        raise
+    finally:
+        gate.leave(num_requests, ttft)
+
+
 async def _prepare(request: Request, body, prompts: list[list[int]], tenant: str | None):
     """One GenerateRequest per choice (prompt x n), each with its own seed when seeded."""
     state: ServerState = request.app.state.manta
@@ -294,19 +320,21 @@ async def _prepare(request: Request, body, prompts: list[list[int]], tenant: str
 
 
 async def _respond(request: Request, body, formatter, prompts, tenant) -> Response:
+    state: ServerState = request.app.state.manta
     subs, streams = await _prepare(request, body, prompts, tenant)
-    metrics = request.app.state.manta.metrics
+    metrics = state.metrics
+    merged = _merged(streams)
+    first = await _first_delta(state.gate, merged, len(subs))
     if not body.stream:
-        async for index, delta in _merged(streams):
-            formatter.add(index, delta)
+        try:
+            if first is not None:
+                formatter.add(*first)
+            async for index, delta in merged:
+                formatter.add(index, delta)
+        finally:
+            await merged.aclose()
         metrics.requests.labels("200").inc()
         return JSONResponse(formatter.response())
-
-    merged = _merged(streams)
-    try:  # errors before the first token still get a proper HTTP status
-        first = await anext(merged)
-    except StopAsyncIteration:
-        first = None
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -332,12 +360,24 @@ async def _respond(request: Request, body, formatter, prompts, tenant) -> Respon
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="Manta", docs_url=None, redoc_url=None)
     app.state.manta = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Unknown paths (404) and wrong methods (405) get the OpenAI error body too."""
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(error.detail), kind), error.status_code, headers=error.headers
+        )
+
     state.frontend.on_recovery = lambda kind: state.metrics.recoveries.labels(kind).inc()
+    state.metrics.first_token_limit.set_function(lambda: state.gate.limit)
+    state.metrics.waiting_first_token.set_function(lambda: state.gate.waiting)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         try:
             tenant = _guard(request)
+            state.gate.check()  # shed before even reading the body
             body = await _parse(request, CompletionRequest)
             frontend = state.frontend
             # Off the event loop: a long prompt must not hold up other requests or /health.
@@ -351,6 +391,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         try:
             tenant = _guard(request)
+            state.gate.check()
             body = await _parse(request, ChatCompletionRequest)
             frontend = state.frontend
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]

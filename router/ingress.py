@@ -26,6 +26,7 @@ from kvstore.messages import (
 )
 from router.api import RequestLimits, ServerState, create_app
 from router.auth import Authenticator, RateLimiter, parse_api_keys
+from router.first_token_gate import FirstTokenGate
 from router.frontend import Frontend
 
 
@@ -96,8 +97,8 @@ class WorkerLiveness:
 
 def serve_app(frontend: Frontend, http: dict[str, Any], liveness=None):
     """The FastAPI app of an ingress replica over its frontend. `http`: retry_after_s,
-    api_keys (`KEY[:TENANT]` specs), rate_limit_rps, rate_limit_burst, max_request_body_bytes
-    (ClusterConfig.http_settings())."""
+    api_keys (`KEY[:TENANT]` specs), rate_limit_rps, rate_limit_burst, max_request_body_bytes,
+    slo_ttft_s (ClusterConfig.http_settings())."""
     state = ServerState(
         frontend,
         retry_after_s=http.get("retry_after_s", 1),
@@ -105,6 +106,7 @@ def serve_app(frontend: Frontend, http: dict[str, Any], liveness=None):
         limiter=RateLimiter(http.get("rate_limit_rps"), http.get("rate_limit_burst", 1)),
         limits=RequestLimits(max_body_bytes=http.get("max_request_body_bytes", 4 * 2**20)),
         liveness=liveness,
+        gate=FirstTokenGate(http.get("slo_ttft_s")),
     )
     return create_app(state)
 

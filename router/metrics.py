@@ -6,7 +6,7 @@ rendered from the stats each worker last reported, labelled by worker.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -95,6 +95,16 @@ class Metrics:
             "manta_request_recoveries",
             "Requests whose worker failed: retried before the first token, or migrated after.",
             labelnames=["kind"],
+            registry=self.registry,
+        )
+        self.first_token_limit = Gauge(
+            "manta_router_first_token_limit",
+            "Requests the router lets wait for their first token at once (learned from TTFTs).",
+            registry=self.registry,
+        )
+        self.waiting_first_token = Gauge(
+            "manta_router_waiting_first_token",
+            "Requests admitted by the router that have no first token yet.",
             registry=self.registry,
         )
         self._worker_stats: dict[str, dict] = {}

@@ -284,6 +284,14 @@ def test_fuzzed_requests_never_get_5xx_or_leak(server, route, fields, max_tokens
         assert_clean_error(response, response.status_code)
 
 
+def test_unknown_paths_and_wrong_methods_get_openai_errors(server):
+    cases = [("GET", "/v2/nothing", 404), ("GET", "/v1/completions", 405),
+             ("DELETE", "/health", 405), ("POST", "/v1/../x", 404)]  # fmt: skip
+    for method, path, status in cases:
+        error = assert_clean_error(httpx.request(method, server.url + path), status)
+        assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
 def test_the_pool_is_whole_after_every_attack(frontend):
     """Runs last in this module: refused, fuzzed, rate-limited and finished requests alike
     gave every KV block back."""
