@@ -44,6 +44,7 @@ def build_app(config: ClusterConfig) -> Application:
         "max_in_flight": config.max_ongoing_requests,
         "stream_interval_s": config.stream_interval_s,
         "slo_ttft_s": config.slo_ttft_s,
+        "slo_itl_s": config.slo_itl_s,
     }
     shared = {"redis_url": config.redis_url, "index_ttl_s": config.index_ttl_s}
     if config.num_workers == 1 and config.colocate_single_worker:

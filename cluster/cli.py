@@ -94,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given["rate_limit_rps"] = args.rate_limit_rps
     if args.slo_ttft_s is not None:
         given["slo_ttft_s"] = args.slo_ttft_s or None
+    if args.slo_itl_s:
+        given["slo_itl_s"] = args.slo_itl_s
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     config = ClusterConfig(
@@ -296,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="refuse (429) requests whose predicted time to first token exceeds this "
         "(default 2; 0: never)",
+    )
+    p.add_argument(
+        "--slo-itl-s",
+        type=float,
+        help="refuse (429) requests that would grow a worker's decode batch past what keeps "
+        "each step within this many seconds (default: never)",
     )
     p.add_argument(
         "--kv-store-secret",

@@ -47,7 +47,7 @@ class ColocatedServer:
         *,
         redis_url: str | None,
         index_ttl_s: float,
-        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_ttft_s
+        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_*_s
     ) -> None:
         model_id = frontend["model_id"]
         index = make_index(redis_url, model_id, index_ttl_s)  # in-process without Redis

@@ -68,6 +68,12 @@ class ClusterConfig(BaseModel):
         description="A worker refuses (429, Retry-After from the predicted drain time) a "
         "request whose predicted time to first token exceeds this; None: never.",
     )
+    slo_itl_s: float | None = Field(
+        None,
+        gt=0,
+        description="A worker refuses (429) a request that would grow its decode batch past "
+        "what keeps each step within this many seconds; None: never.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description="`KEY[:TENANT]` entries; with any, /v1 needs `Authorization: Bearer KEY`. "

@@ -33,7 +33,7 @@ def test_refuses_only_what_would_miss_the_slo_and_never_a_request_alone():
     assert control.check(100_000, num_running=0) is None  # nothing ahead: always admitted
     control.admitted(1000)  # about 1.3 s of prefill ahead
     refusal = control.check(10, num_running=0)
-    assert refusal is not None and refusal.predicted_ttft_s > 0.5
+    assert refusal is not None and "first token" in refusal.reason
     assert refusal.retry_after_s == pytest.approx(predicted_ttft(1000, 0, 256, model()) - 0.5 + 0.1)
     assert control.num_refused == 1
     control.started(1000)
@@ -47,7 +47,7 @@ def test_full_slots_and_time_already_waited_count_toward_the_slo():
         control.admitted(10, max_tokens=100)  # the mean decode moves toward 100 tokens
     # 4 slots, all 4 requests ahead still queued: a fifth waits a round of decodes.
     refusal = control.check(10, num_running=0)
-    assert refusal is not None and refusal.predicted_ttft_s > 0.5
+    assert refusal is not None and "first token" in refusal.reason
     for _ in range(4):
         control.started(10)
     assert control.check(10, num_running=2) is None  # free slots, nothing queued
@@ -55,6 +55,17 @@ def test_full_slots_and_time_already_waited_count_toward_the_slo():
     assert control.check(10, num_running=0, waited_s=0.2) is None
     control.admitted(10, max_tokens=1)
     assert control.check(10, num_running=0, waited_s=0.6) is not None  # already late
+
+
+def test_an_inter_token_slo_caps_the_decode_batch():
+    control = AdmissionControl(None, 256, model(overhead=0.01, per_token=1e-3), 64, 0.014)
+    assert control.check(10, num_running=0) is None  # alone: always
+    assert control.check(10, num_running=3) is None  # a batch of 4: 14 ms per step
+    refusal = control.check(10, num_running=4)  # a batch of 5: 15 ms
+    assert refusal is not None and "per token" in refusal.reason and refusal.retry_after_s > 0
+    control.admitted(10, max_tokens=8)
+    assert control.check(10, num_running=3) is not None  # the queued one counts too
+    assert control.num_refused == 2
 
 
 def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):

@@ -7,8 +7,9 @@ are taken (the running requests must finish their decodes first), and the prefil
 prompt ahead of it and its own, in steps of up to `max_num_batched_tokens` tokens beside the
 running decodes. Each step costs what the engine's own step-time model says. When that
 predicted wait exceeds the TTFT SLO, the request is refused at once with a Retry-After of how
-long the backlog needs to drain below it. A request that finds nothing ahead of it is always
-admitted: it is as fast as the worker gets.
+long the backlog needs to drain below it. With an inter-token SLO too, a request is refused
+when the decode batch it would join makes every step slower than that SLO. A request that
+finds nothing ahead of it is always admitted: it is as fast as the worker gets.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from workers.batching_policy import StepTimeModel
 
 @dataclass(slots=True)
 class Refusal:
-    predicted_ttft_s: float
+    reason: str
     retry_after_s: float
 
 
@@ -43,8 +44,10 @@ class AdmissionControl:
         max_num_batched_tokens: int,
         step_time: StepTimeModel,
         max_num_seqs: int | None = None,
+        slo_itl_s: float | None = None,
     ) -> None:
         self.slo_ttft_s = slo_ttft_s
+        self.slo_itl_s = slo_itl_s
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.step_time = step_time
@@ -55,6 +58,13 @@ class AdmissionControl:
 
     def check(self, prompt_tokens: int, num_running: int, waited_s: float = 0.0) -> Refusal | None:
         """None to admit (then `admitted` and, at its first token, `started`), else why not."""
+        refusal = self._ttft_refusal(prompt_tokens, num_running, waited_s)
+        refusal = refusal or self._itl_refusal(num_running)
+        if refusal is not None:
+            self.num_refused += 1
+        return refusal
+
+    def _ttft_refusal(self, prompt_tokens: int, num_running: int, waited_s: float):
         if self.slo_ttft_s is None:
             return None
         slot_wait = self._slot_wait(self.queued_requests + 1, num_running)
@@ -65,11 +75,33 @@ class AdmissionControl:
         ttft = waited_s + slot_wait + prefill
         if ttft <= self.slo_ttft_s:
             return None
-        self.num_refused += 1
         ahead = self._slot_wait(self.queued_requests, num_running) + predicted_ttft(
             self.queued_tokens, num_running, self.max_num_batched_tokens, self.step_time
         )
-        return Refusal(ttft, max(ahead - self.slo_ttft_s, 0.0) + 0.1)
+        return Refusal(
+            f"predicted time to first token {ttft:.2f} s exceeds the SLO of {self.slo_ttft_s} s",
+            max(ahead - self.slo_ttft_s, 0.0) + 0.1,
+        )
+
+    def _itl_refusal(self, num_running: int):
+        """A decode batch so large that every step would exceed the inter-token SLO."""
+        if self.slo_itl_s is None:
+            return None
+        batch = num_running + self.queued_requests + 1
+        if self.max_num_seqs is not None:
+            batch = min(batch, self.max_num_seqs)
+        if batch <= 1:
+            return None
+        itl = self.step_time.seconds(batch)
+        if itl <= self.slo_itl_s:
+            return None
+        # Roughly when one running request will have finished and left room.
+        wait = self.mean_output_tokens * itl / max(1, num_running)
+        return Refusal(
+            f"a batch of {batch} would take {itl * 1e3:.1f} ms per token, over the SLO of "
+            f"{self.slo_itl_s * 1e3:.1f} ms",
+            wait + 0.1,
+        )
 
     def _slot_wait(self, num_new: int, num_running: int) -> float:
         """Seconds until `num_new` more requests all hold a sequence slot: each "round" of

@@ -53,6 +53,7 @@ class Worker:
         max_in_flight: int = 256,
         stream_interval_s: float = 0.0,
         slo_ttft_s: float | None = None,
+        slo_itl_s: float | None = None,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
         self.admission = AdmissionControl(
@@ -60,6 +61,7 @@ class Worker:
             engine_config.max_num_batched_tokens,
             self.engine.engine.step_time,
             engine_config.max_num_seqs,
+            slo_itl_s,
         )
         self.worker_id = worker_id
         self.index = index
@@ -124,11 +126,7 @@ class Worker:
         waited = max(0.0, time.time() - request.arrival_s)
         refusal = self.admission.check(len(request.prompt_token_ids), running, waited)
         if refusal is not None:
-            raise WorkerOverloadedError(
-                f"predicted time to first token {refusal.predicted_ttft_s:.2f} s exceeds the "
-                f"SLO of {self.admission.slo_ttft_s} s",
-                refusal.retry_after_s,
-            )
+            raise WorkerOverloadedError(refusal.reason, refusal.retry_after_s)
 
     async def _generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         hashes = request.block_hashes
@@ -213,7 +211,7 @@ class WorkerDeployment:
         namespace: str,
         redis_url: str | None = None,
         index_ttl_s: float = 15.0,
-        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_ttft_s
+        **options,  # Worker's publish_interval_s, max_in_flight, stream_interval_s, slo_*_s
     ) -> None:
         index: PrefixIndex = (
             make_index(redis_url, namespace, index_ttl_s)
