@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -73,18 +72,25 @@ class ServeBackend:
 
 
 class WorkerLiveness:
-    """Whether any replica of the worker deployment runs, as the Serve controller sees it;
-    asked off the event loop and cached briefly, since probes poll /health."""
+    """Whether any replica of the worker deployment runs, as the Serve controller sees it.
+    Probes poll /health and must be answered at once, so a task asks the controller every
+    `ttl_s` (off the event loop) and a call returns its latest answer, never awaiting one."""
 
     def __init__(self, deployment: str, ttl_s: float = 1.0) -> None:
         self.deployment, self.ttl_s = deployment, ttl_s
-        self._checked, self._reason = 0.0, None
+        self._reason: str | None = None
+        self._poller: asyncio.Task | None = None
 
     async def __call__(self) -> str | None:
-        if time.monotonic() - self._checked > self.ttl_s:
+        if self._poller is None:  # the first call: keep polling, and answer this one fresh
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
             self._reason = await asyncio.to_thread(self._query)
-            self._checked = time.monotonic()
         return self._reason
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s)
+            self._reason = await asyncio.to_thread(self._query)
 
     def _query(self) -> str | None:
         try:

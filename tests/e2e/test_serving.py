@@ -194,7 +194,7 @@ def test_overload_gets_429_with_retry_after_and_disconnects_free_blocks(served):
             async def one() -> int:
                 async with http.stream("POST", "/v1/completions", json=body) as response:
                     if response.status_code != 200:
-                        assert response.headers.get("retry-after") == "1"
+                        assert int(response.headers["retry-after"]) >= 1
                         await response.aread()
                         assert response.json()["error"]["code"] == "overloaded"
                         return response.status_code
