@@ -27,16 +27,19 @@ MODEL_CACHE = Path(tempfile.gettempdir()) / "manta-bench-models"
 
 
 # -- checkpoints and the roofline ---------------------------------------------------------------
-def checkpoint(preset: str, cache_dir: Path = MODEL_CACHE, seed: int = 0) -> Path:
-    """A random Llama checkpoint of ``preset``, built once and reused from ``cache_dir``."""
-    path = cache_dir / f"{preset}-llama-seed{seed}"
+def checkpoint(preset: str, cache_dir: Path = MODEL_CACHE, seed: int = 0, **overrides: Any) -> Path:
+    """A random Llama checkpoint of ``preset``, built once and reused from ``cache_dir``;
+    ``overrides`` go into its config (``initializer_range=0.1``: weights peaked enough that
+    greedy choices never hinge on floating-point rounding, so batching changes no text)."""
+    suffix = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    path = cache_dir / f"{preset}-llama-seed{seed}{suffix}"
     if (path / "config.json").is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Built aside and renamed, so an interrupted build never leaves a half-written checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=cache_dir))
     try:
-        make_model(staging, preset, "llama", seed=seed)
+        make_model(staging, preset, "llama", seed=seed, **overrides)
         staging.rename(path)
     except OSError:
         if not (path / "config.json").is_file():
