@@ -134,11 +134,14 @@ class InMemoryPrefixIndex(PrefixIndex):
             self._drop_holder(block_hash, worker_id)
 
 
-def make_index(url: str | None, namespace: str, ttl_s: float = DEFAULT_TTL_S) -> PrefixIndex:
-    """The Redis index when a URL is given (shared by every node), else the in-process one."""
+def make_index(
+    url: str | None, namespace: str, ttl_s: float = DEFAULT_TTL_S, socket_timeout_s: float = 0.2
+) -> PrefixIndex:
+    """The Redis index when a URL is given (shared by every node), else the in-process one.
+    `socket_timeout_s` bounds each Redis call: what a silent Redis costs the caller."""
     if url is None:
         return InMemoryPrefixIndex(ttl_s=ttl_s)
     # Imported here because redis_index builds on this module.
     from kvstore.redis_index import RedisPrefixIndex
 
-    return RedisPrefixIndex(url, namespace, ttl_s=ttl_s)
+    return RedisPrefixIndex(url, namespace, ttl_s=ttl_s, socket_timeout_s=socket_timeout_s)

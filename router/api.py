@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -293,7 +294,9 @@ async def _first_delta(gate: FirstTokenGate, merged, num_requests: int):
         return first
     except StopAsyncIteration:
         return None
-    except BaseException:
+    except BaseException as error:
+        if isinstance(error, WorkerOverloadedError):
+            ttft = math.inf  # a worker refused it: shed here next time, before the Ray hop
         await merged.aclose()
         raise
     finally:

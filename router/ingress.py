@@ -134,7 +134,8 @@ class Ingress:
     ) -> None:
         model_id = frontend["model_id"]
         index = (
-            make_index(redis_url, model_id, index_ttl_s)
+            # A lookup on the request's path: a silent Redis may cost it 50 ms, no more.
+            make_index(redis_url, model_id, index_ttl_s, socket_timeout_s=0.05)
             if redis_url
             else ActorPrefixIndex(model_id, index_ttl_s)
         )

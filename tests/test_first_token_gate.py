@@ -97,3 +97,33 @@ def test_a_burst_beyond_the_gate_gets_429_with_retry_after_and_the_gate_empties(
     finally:
         server.stop()
         engine.shutdown()
+
+
+def test_a_worker_refusal_shrinks_the_gate(tiny_model):
+    import httpx
+
+    from kvstore.messages import WorkerOverloadedError
+    from router.api import ServerState, create_app
+    from tests.http_server import Server, engine_frontend
+    from workers.async_engine import AsyncEngine
+    from workers.engine import EngineConfig
+
+    class Refusing:
+        async def stream(self, request):
+            raise WorkerOverloadedError("the worker is full", 2.0)
+            yield
+
+    engine = AsyncEngine(EngineConfig(model=tiny_model, num_blocks=32, max_num_seqs=2))
+    frontend = engine_frontend(engine)
+    frontend.backend = Refusing()
+    state = ServerState(frontend, gate=FirstTokenGate(0.5, initial=16))
+    server = Server(create_app(state))
+    try:
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        reply = httpx.post(server.url + "/v1/completions", json=body)
+        assert reply.status_code == 429 and reply.headers["retry-after"] == "2"
+        assert state.gate.limit == 12  # cut by a quarter: the next flood stops at the router
+        assert state.gate.waiting == 0
+    finally:
+        server.stop()
+        engine.shutdown()
