@@ -150,8 +150,13 @@ class Frontend:
                     yield migration.adjust(delta)
                 return
             except Exception as error:
-                if not self.is_worker_failure(error) or not migration.can_continue():
+                if not self.is_worker_failure(error):
                     raise
+                if migration.finished:  # it died after its last delta: nothing is missing
+                    return
+                if not migration.can_continue():  # every token was sent, only the end is not
+                    yield migration.closing_delta(self.tokenizer)
+                    return
                 failures += 1
                 limit = self.max_migrations if migration.started else self.max_retries
                 if failures > limit:
@@ -230,6 +235,25 @@ class _Migration:
     def _resumed_tokens(self) -> list[int]:
         """The sent tokens that the current request took as its prompt."""
         return self.request.prompt_token_ids[len(self.original.prompt_token_ids) :]
+
+    def closing_delta(self, tokenizer: Any) -> RequestDelta:
+        """The end of a stream whose worker died after sending its every token (by length)
+        but before saying it had finished: the text still held back, and the finish."""
+        original = self.original
+        skip = original.sampling.skip_special_tokens
+        text = tokenizer.decode(self.sent_tokens, skip_special_tokens=skip)
+        sent = "".join(self.sent_text)
+        self.finished = True
+        return RequestDelta(
+            request_id=original.request_id,
+            new_token_ids=[],
+            new_text=text[len(sent) :] if text.startswith(sent) else "",
+            finished=True,
+            finish_reason="length",
+            num_prompt_tokens=len(original.prompt_token_ids),
+            num_output_tokens=len(self.sent_tokens),
+            num_cached_tokens=self.num_cached_tokens or 0,
+        )
 
     def resume_point(self, tokenizer: Any) -> tuple[int, str]:
         """Where the client's text stands in the sent tokens: how many trailing tokens form

@@ -74,3 +74,37 @@ def test_text_survives_a_move_after_every_token(engine):
                 assert (got, tokens) == (want, MAX_TOKENS), (prompt, after)
 
     asyncio.run(main())
+
+
+class DiesAtTheEnd(EngineBackend):
+    """Streams every token; then the worker dies, either after its last delta (`after_last`)
+    or just before it could say it had finished (that delta's text still held back)."""
+
+    def __init__(self, engine: AsyncEngine, after_last: bool) -> None:
+        super().__init__(engine, 0.0)
+        self.after_last = after_last
+
+    async def stream(self, request):
+        async for delta in super().stream(request):
+            if delta.finished and not self.after_last:
+                delta.finished, delta.finish_reason, delta.new_text = False, None, ""
+                yield delta
+                raise WorkerDied("killed before the end")
+            yield delta
+        raise WorkerDied("killed after the end")
+
+
+def test_a_worker_dying_at_the_very_end_costs_nothing(engine):
+    prompt = [(5 * t) % 1000 + 4 for t in range(12)]
+
+    async def main():
+        want, _ = await text_of(frontend(engine, EngineBackend(engine, 0.0)), prompt)
+        for after_last in (True, False):
+            front = frontend(engine, DiesAtTheEnd(engine, after_last))
+            sampling = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+            deltas = [d async for d in front.stream(await front.build_request(prompt, sampling))]
+            assert "".join(d.new_text for d in deltas) == want
+            assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+            assert deltas[-1].num_output_tokens == MAX_TOKENS
+
+    asyncio.run(main())
