@@ -37,6 +37,7 @@ def build_app(config: ClusterConfig) -> Application:
         "block_size": config.engine.block_size,
         "affinity_prefix_tokens": config.router.affinity_prefix_tokens,
         "special_tokens_in_content": config.special_tokens_in_content,
+        "max_tokens_cap": config.max_tokens_cap,
     }
     tokenizer_factory = functools.partial(Tokenizer.from_pretrained, config.model)
     worker_kwargs = {

@@ -96,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given["slo_ttft_s"] = args.slo_ttft_s or None
     if args.slo_itl_s:
         given["slo_itl_s"] = args.slo_itl_s
+    if args.max_tokens_cap:
+        given["max_tokens_cap"] = args.max_tokens_cap
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     config = ClusterConfig(
@@ -298,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="refuse (429) requests whose predicted time to first token exceeds this "
         "(default 2; 0: never)",
+    )
+    p.add_argument(
+        "--max-tokens-cap",
+        type=int,
+        help="the most tokens one choice may generate: the default max_tokens (else what the "
+        "context leaves after the prompt), and a 400 above it",
     )
     p.add_argument(
         "--slo-itl-s",

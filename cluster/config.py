@@ -68,6 +68,12 @@ class ClusterConfig(BaseModel):
         description="A worker refuses (429, Retry-After from the predicted drain time) a "
         "request whose predicted time to first token exceeds this; None: never.",
     )
+    max_tokens_cap: int | None = Field(
+        None,
+        ge=1,
+        description="The most tokens one choice may generate: the default when a request "
+        "sets no max_tokens (else what the context leaves), and a 400 above it.",
+    )
     slo_itl_s: float | None = Field(
         None,
         gt=0,

@@ -36,6 +36,14 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Steering the next token (workers/logits_processors.py): OpenAI's penalties in [-2, 2]
+    # and logit_bias (token id -> added logit, in [-100, 100]); vLLM's repetition_penalty
+    # (> 0, 1 is off) and min_tokens (no stop token or EOS before that many tokens).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
     # Mixed into the first block's hash (kvstore.hashing.salted_root): requests share cached
     # prefixes only under the same salt. The router sets it from the tenant and `cache_salt`.
     cache_salt: str | None = None
@@ -69,6 +77,19 @@ class SamplingParams:
         for stop_str in self.stop:
             if not isinstance(stop_str, str) or not stop_str:
                 _reject("stop", self.stop, "must hold non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                _reject(name, getattr(self, name), "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            _reject("repetition_penalty", self.repetition_penalty, "must be in (0, 2]")
+        if self.logit_bias:
+            self.logit_bias = {int(token): float(bias) for token, bias in self.logit_bias.items()}
+            if any(
+                token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias.items()
+            ):
+                _reject("logit_bias", self.logit_bias, "must map token ids >= 0 to [-100, 100]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            _reject("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
         if self.resume_unemitted_tokens < 0:
             _reject("resume_unemitted_tokens", self.resume_unemitted_tokens, "must be >= 0")
         if self.stop_token_ids is not None:

@@ -397,7 +397,11 @@ def create_app(state: ServerState) -> FastAPI:
             state.gate.check()
             body = await _parse(request, ChatCompletionRequest)
             frontend = state.frontend
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            # OpenAI's newer name for the system role; chat templates know only "system".
+            roles = {"developer": "system"}
+            messages = [
+                {"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages
+            ]
             prompt = await asyncio.to_thread(
                 frontend.render_chat, messages, add_generation_prompt=True
             )

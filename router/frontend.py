@@ -56,6 +56,7 @@ class Frontend:
         affinity_prefix_tokens: int = 64,
         max_retries: int = 2,
         max_migrations: int = 2,
+        max_tokens_cap: int | None = None,
         is_worker_failure: Callable[[BaseException], bool] = lambda e: False,
         special_tokens_in_content: bool = False,
         on_recovery: Callable[[str], None] = lambda kind: None,
@@ -71,6 +72,7 @@ class Frontend:
         self.affinity_prefix_tokens = affinity_prefix_tokens
         self.max_retries = max_retries
         self.max_migrations = max_migrations
+        self.max_tokens_cap = max_tokens_cap  # the most tokens one choice may generate
         self.is_worker_failure = is_worker_failure
         self.special_tokens_in_content = special_tokens_in_content
         self.on_recovery = on_recovery  # called with "retry" or "migration"
@@ -111,14 +113,16 @@ class Frontend:
                 f"you requested {len(token_ids) + asked} tokens ({len(token_ids)} in the "
                 f"prompt, {asked} for the completion). Please reduce the prompt or max_tokens."
             )
+        vocab = self.tokenizer.vocab_size
+        if any(token >= vocab for token in sampling.get("logit_bias") or ()):
+            raise ValueError(f"logit_bias names a token id outside the vocabulary (0..{vocab - 1})")
+        cap = self.max_tokens_cap
+        if cap is not None and max_tokens is not None and max_tokens > cap:
+            raise ValueError(f"max_tokens may be at most {cap} on this server, got {max_tokens}")
+        if max_tokens is None:  # vLLM's rule: what the context leaves, within the server's cap
+            max_tokens = room if cap is None else min(room, cap)
         salt = cache_salt(tenant, sampling.get("cache_salt"))
-        params = SamplingParams(
-            **{
-                **sampling,
-                "max_tokens": max_tokens if max_tokens is not None else room,
-                "cache_salt": salt,
-            }
-        )
+        params = SamplingParams(**{**sampling, "max_tokens": max_tokens, "cache_salt": salt})
         root = salted_root(salt)
         hashes = hash_blocks(token_ids, self.block_size, self.hash_key, root)
         matched = await self.index.match(hashes) if hashes else {}
@@ -182,6 +186,7 @@ class Frontend:
             original.sampling,
             resume_unemitted_tokens=unemitted,
             max_tokens=original.sampling.max_tokens - len(migration.sent_tokens),
+            min_tokens=max(0, original.sampling.min_tokens - len(migration.sent_tokens)),
             # The rest of a seeded sample continues from its own seed, shifted per migration.
             seed=None
             if original.sampling.seed is None

@@ -31,11 +31,11 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_LENGTH = 1024  # characters per stop string: matching is linear, but bounded work
 MAX_CHOICES = 64  # prompts x n in one request: each choice is a request on a worker
 MAX_CACHE_SALT_LENGTH = 256
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch generators take; child seeds wrap within it
 
 # Known OpenAI parameters Manta does not implement, and the values that mean "not used".
 _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "logit_bias": (None, {}),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -89,9 +89,11 @@ class _SamplingRequest(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+    repetition_penalty: float | None = Field(None, gt=0, le=2, description="vLLM extra")
+    min_tokens: int = Field(0, ge=0, description="No stop token or EOS before this many (vLLM)")
     user: str | None = None
     top_k: int | None = Field(None, ge=-1, description="-1 or 0: off (Manta extra)")
     min_p: float | None = Field(None, ge=0, le=1, description="Manta extra")
@@ -125,11 +127,14 @@ class _SamplingRequest(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _check_penalty(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value:
-            raise ValueError(f"{info.field_name} is not supported; only 0 is accepted")
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {token[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
     @field_validator(*_NEUTRAL_VALUES, check_fields=False)
@@ -155,6 +160,11 @@ class _SamplingRequest(BaseModel):
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
             "cache_salt": self.cache_salt,
+            "presence_penalty": self.presence_penalty or 0.0,
+            "frequency_penalty": self.frequency_penalty or 0.0,
+            "repetition_penalty": self.repetition_penalty or 1.0,
+            "logit_bias": {int(t): b for t, b in (self.logit_bias or {}).items()} or None,
+            "min_tokens": self.min_tokens,
         }
 
 
@@ -206,7 +216,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_call_id: str | None = None

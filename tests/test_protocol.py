@@ -66,6 +66,21 @@ def test_completion_prompts(prompt: Any, expected: list[Any]) -> None:
     assert completion(prompt=prompt).prompts() == expected
 
 
+def test_steering_parameters_reach_the_sampling_settings() -> None:
+    kwargs = completion(
+        presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.2,
+        logit_bias={"50": -100, "7": 2.5}, min_tokens=3,
+    ).to_sampling_kwargs()  # fmt: skip
+    assert kwargs["presence_penalty"] == 0.5 and kwargs["frequency_penalty"] == -1.0
+    assert kwargs["repetition_penalty"] == 1.2 and kwargs["min_tokens"] == 3
+    assert kwargs["logit_bias"] == {50: -100.0, 7: 2.5}
+    plain = completion().to_sampling_kwargs()
+    assert plain["logit_bias"] is None and plain["repetition_penalty"] == 1.0
+    developer = chat(messages=[{"role": "developer", "content": "be brief"}])
+    assert developer.messages[0].role == "developer"
+    assert chat(max_tokens=9, max_completion_tokens=5).to_sampling_kwargs()["max_tokens"] == 5
+
+
 def test_full_requests_parse() -> None:
     request = completion(
         max_tokens=8, temperature=0, top_p=0.9, n=2, stop=["\n"], seed=1, stream=True,
@@ -115,9 +130,12 @@ INVALID_COMPLETION = [
     ("echo", True),
     ("best_of", 3),
     ("suffix", "tail"),
-    ("logit_bias", {"50256": -100}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0),
+    ("logit_bias", {"word": 1.0}),
+    ("logit_bias", {"12": 101.0}),
+    ("presence_penalty", 2.5),
+    ("frequency_penalty", -2.1),
+    ("repetition_penalty", 0.0),
+    ("min_tokens", -1),
     ("top_k", -2),
     ("min_p", 1.5),
     ("ignore_eos", "no"),
@@ -154,9 +172,7 @@ def test_invalid_chat_field_is_named(field: str, value: Any) -> None:
     assert {error["loc"][0] for error in errors} == {field}
 
 
-@pytest.mark.parametrize(
-    "field, value", [("presence_penalty", 1), ("frequency_penalty", 0.5), ("echo", True)]
-)
+@pytest.mark.parametrize("field, value", [("echo", True), ("best_of", 2)])
 def test_unsupported_parameter_message_names_it(field: str, value: Any) -> None:
     body = validation_error_body(errors_of(completion, **{field: value}))
     assert field in body["error"]["message"] and "not supported" in body["error"]["message"]
@@ -199,6 +215,8 @@ def test_completion_sampling_defaults() -> None:
     assert kwargs == {
         "n": 1, "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
         "seed": None, "stop": None, "ignore_eos": False, "logprobs": None, "cache_salt": None,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+        "logit_bias": None, "min_tokens": 0,
     }  # fmt: skip
     assert SamplingParams(**kwargs).max_tokens == 16
 

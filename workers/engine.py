@@ -30,6 +30,7 @@ from workers.device import resolve_device, resolve_dtype
 from workers.engine_config import EngineConfig
 from workers.kv_cache import KVCacheManager
 from workers.kv_transfer import KVTransfer
+from workers.logits_processors import apply_logits_processors
 from workers.memory_profile import profiled_kv_budget
 from workers.model.config import ModelConfig
 from workers.model.loader import load_model
@@ -286,6 +287,7 @@ class Engine:
         if plain:
             rows = logits if len(plain) == len(logits) else logits[[row_starts[i] for i in plain]]
             requests = [out.requests[i] for i in plain]
+            rows = apply_logits_processors(rows, requests)
             tokens, lps = self.sampler.sample(
                 [r.params for r in requests], [r.generator for r in requests], rows
             )
