@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# What a structured output constrains the text to (workers/structured_output.py).
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+MAX_STRUCTURED_SPEC_CHARS = 64 * 1024  # a schema, regex or grammar: bounded compile work
 # Temperatures below this are treated as greedy decoding (argmax), as vLLM does.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20
@@ -44,12 +47,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    # (kind, spec): the text must match a JSON schema ("json", spec: the schema's JSON), be
+    # any JSON object ("json_object"), match a regex, be one of a JSON list of choices, or
+    # follow an EBNF grammar.
+    structured_output: tuple[str, str] | None = None
     # Mixed into the first block's hash (kvstore.hashing.salted_root): requests share cached
     # prefixes only under the same salt. The router sets it from the tenant and `cache_salt`.
     cache_salt: str | None = None
     # A resumed stream's trailing prompt tokens (tokens it had already sent) whose text the
     # client has not seen yet: an unfinished character. Their text comes with the next tokens'.
     resume_unemitted_tokens: int = 0
+    # How many of a resumed stream's trailing prompt tokens are output it generated before:
+    # its grammar and its penalties count them as output.
+    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -90,6 +100,18 @@ class SamplingParams:
                 _reject("logit_bias", self.logit_bias, "must map token ids >= 0 to [-100, 100]")
         if not 0 <= self.min_tokens <= self.max_tokens:
             _reject("min_tokens", self.min_tokens, f"must be in [0, max_tokens={self.max_tokens}]")
+        if self.structured_output is not None:
+            kind, spec = self.structured_output
+            if kind not in STRUCTURED_KINDS:
+                _reject("structured_output", kind, f"must be one of {STRUCTURED_KINDS}")
+            if not isinstance(spec, str) or len(spec) > MAX_STRUCTURED_SPEC_CHARS:
+                _reject(
+                    "structured_output",
+                    kind,
+                    f"needs a spec of <= {MAX_STRUCTURED_SPEC_CHARS} characters",
+                )
+        if self.resumed_output_tokens < 0:
+            _reject("resumed_output_tokens", self.resumed_output_tokens, "must be >= 0")
         if self.resume_unemitted_tokens < 0:
             _reject("resume_unemitted_tokens", self.resume_unemitted_tokens, "must be >= 0")
         if self.stop_token_ids is not None:

@@ -185,6 +185,7 @@ class Frontend:
         sampling = dataclasses.replace(
             original.sampling,
             resume_unemitted_tokens=unemitted,
+            resumed_output_tokens=len(migration.sent_tokens),
             max_tokens=original.sampling.max_tokens - len(migration.sent_tokens),
             min_tokens=max(0, original.sampling.min_tokens - len(migration.sent_tokens)),
             # The rest of a seeded sample continues from its own seed, shifted per migration.

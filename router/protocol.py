@@ -8,6 +8,7 @@ something else. Manta's extras (`top_k`, `min_p`, `ignore_eos`, `priority`) foll
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,6 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
 }
 # Union-member tags pydantic puts in an error's location; they are not request fields.
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "TextPart"})
@@ -94,6 +94,11 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     repetition_penalty: float | None = Field(None, gt=0, le=2, description="vLLM extra")
     min_tokens: int = Field(0, ge=0, description="No stop token or EOS before this many (vLLM)")
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM extra")
+    guided_regex: str | None = Field(None, description="vLLM extra")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="vLLM extra")
+    guided_grammar: str | None = Field(None, description="vLLM extra (EBNF)")
     user: str | None = None
     top_k: int | None = Field(None, ge=-1, description="-1 or 0: off (Manta extra)")
     min_p: float | None = Field(None, ge=0, le=1, description="Manta extra")
@@ -126,6 +131,41 @@ class _SamplingRequest(BaseModel):
         if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
         return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = (value or {}).get("type", "text")
+        if kind not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format type must be text, json_object or json_schema")
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise ValueError("response_format json_schema needs {'name', 'schema'}")
+        return value
+
+    def structured_output(self) -> tuple[str, str] | None:
+        """(kind, spec) of the one constraint set (SamplingParams.structured_output)."""
+        found = []
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            found.append(("json_object", ""))
+        elif kind == "json_schema":
+            found.append(
+                ("json", json.dumps(self.response_format["json_schema"].get("schema", {})))
+            )
+        if self.guided_json is not None:
+            spec = self.guided_json
+            found.append(("json", spec if isinstance(spec, str) else json.dumps(spec)))
+        if self.guided_regex is not None:
+            found.append(("regex", self.guided_regex))
+        if self.guided_choice is not None:
+            found.append(("choice", json.dumps(self.guided_choice)))
+        if self.guided_grammar is not None:
+            found.append(("grammar", self.guided_grammar))
+        if len(found) > 1:
+            raise ValueError("set at most one of response_format and the guided_* parameters")
+        return found[0] if found else None
 
     @field_validator("logit_bias")
     @classmethod
@@ -165,6 +205,7 @@ class _SamplingRequest(BaseModel):
             "repetition_penalty": self.repetition_penalty or 1.0,
             "logit_bias": {int(t): b for t, b in (self.logit_bias or {}).items()} or None,
             "min_tokens": self.min_tokens,
+            "structured_output": self.structured_output(),
         }
 
 
@@ -244,7 +285,6 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("top_logprobs")
     @classmethod

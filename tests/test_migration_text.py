@@ -108,3 +108,28 @@ def test_a_worker_dying_at_the_very_end_costs_nothing(engine):
             assert deltas[-1].num_output_tokens == MAX_TOKENS
 
     asyncio.run(main())
+
+
+def test_a_moved_stream_keeps_its_grammar_and_its_penalties(engine):
+    """The next worker's grammar and penalties start from the tokens already sent."""
+    import json
+    import re
+
+    prompt = [(11 * t) % 1000 + 4 for t in range(12)]
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[a-z]{8}$"}},
+              "required": ["code"], "additionalProperties": False}  # fmt: skip
+    sampling = {"max_tokens": 40, "temperature": 0.0, "frequency_penalty": 1.5,
+                "structured_output": ("json", json.dumps(schema))}  # fmt: skip
+
+    async def run(backend) -> str:
+        front = frontend(engine, backend)
+        deltas = [d async for d in front.stream(await front.build_request(prompt, sampling))]
+        return "".join(d.new_text for d in deltas)
+
+    async def main():
+        want = await run(EngineBackend(engine, 0.0))
+        assert re.fullmatch(r'\{"code": ?"[a-z]{8}"\}', want), want
+        for after in (1, 3, 6):
+            assert await run(DiesAfter(engine, after)) == want
+
+    asyncio.run(main())

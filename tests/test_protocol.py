@@ -162,7 +162,8 @@ INVALID_CHAT = [
     ("top_logprobs", 2),
     ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("tool_choice", "required"),
-    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "xml"}),
+    ("response_format", {"type": "json_schema", "json_schema": "not an object"}),
 ]
 
 
@@ -216,7 +217,7 @@ def test_completion_sampling_defaults() -> None:
         "n": 1, "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0,
         "seed": None, "stop": None, "ignore_eos": False, "logprobs": None, "cache_salt": None,
         "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
-        "logit_bias": None, "min_tokens": 0,
+        "logit_bias": None, "min_tokens": 0, "structured_output": None,
     }  # fmt: skip
     assert SamplingParams(**kwargs).max_tokens == 16
 

@@ -44,6 +44,7 @@ from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.spec_decode.config import SpeculativeConfig
 from workers.spec_decode.decoder import SpecDecoder
 from workers.spec_decode.draft import DraftModelProposer
+from workers.structured_output import StructuredOutputs, advance
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -58,6 +59,7 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model_config = ModelConfig.from_pretrained(config.model)
         self.tokenizer = Tokenizer.from_pretrained(config.model)
+        self.structured = StructuredOutputs(self.tokenizer, self.model_config.vocab_size)
         self.attention = make_attention_backend(
             config.attention_backend, self.device, config.block_size
         )
@@ -200,6 +202,7 @@ class Engine:
             arrival_time=time.monotonic(),
             priority=priority,
             generator=make_generator(params.seed, self.device),
+            grammar=self._grammar(params, token_ids),
             block_hashes=list(block_hashes or ()),
             block_size=self.config.block_size,
             hash_key=self.hash_key,
@@ -212,6 +215,17 @@ class Engine:
                 self.transfer.import_prefix(token_ids, request.block_hashes, kv_payloads)
             self.transfer.observe_prompt(token_ids, request.block_hashes)
         return request
+
+    def _grammar(self, params: SamplingParams, prompt: list[int]):
+        """A structured output's matcher, past the tokens a resumed stream generated before."""
+        if params.structured_output is None:
+            return None
+        matcher = self.structured.matcher(*params.structured_output)
+        resumed = prompt[len(prompt) - params.resumed_output_tokens :]
+        for token in resumed if params.resumed_output_tokens else ():
+            if not matcher.accept_token(token):
+                raise ValueError("the resumed tokens do not follow the structured output")
+        return matcher
 
     def _prompt_token_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -288,6 +302,7 @@ class Engine:
             rows = logits if len(plain) == len(logits) else logits[[row_starts[i] for i in plain]]
             requests = [out.requests[i] for i in plain]
             rows = apply_logits_processors(rows, requests)
+            self.structured.apply_masks(rows, requests)
             tokens, lps = self.sampler.sample(
                 [r.params for r in requests], [r.generator for r in requests], rows
             )
@@ -315,9 +330,13 @@ class Engine:
         deltas = []
         for i, request in enumerate(out.requests):
             if sampled[i]:
+                if request.grammar is not None and advance(request, sampled[i]):
+                    if not request.status.finished:  # the grammar is complete: stop here
+                        self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+                        finished.append(request)
                 state = self._states[request.request_id]
                 delta, stopped = make_delta(request, state, sampled[i], logprobs.get(i))
-                if stopped:
+                if stopped and request not in finished:
                     self.scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
                     finished.append(request)
                 deltas.append(delta)

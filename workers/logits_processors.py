@@ -53,7 +53,7 @@ def _steer(logits: Tensor, request: Request) -> None:
         values = logits[seen]
         penalty = params.repetition_penalty
         logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
-    output = request.output_token_ids
+    output = request.generated_token_ids
     if output and (params.frequency_penalty or params.presence_penalty):
         counts = torch.bincount(torch.tensor(output, device=device), minlength=logits.numel())
         counts = counts[: logits.numel()].to(logits.dtype)

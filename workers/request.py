@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import InitVar, dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ class Request:
     priority: int = 0  # lower runs first; ties go to the earlier arrival
     arrival_order: int = 0  # set by the scheduler; breaks priority ties first-come first-served
     generator: torch.Generator | None = None
+    grammar: Any = None  # the structured output's matcher (workers/structured_output.py)
     status: RequestStatus = RequestStatus.WAITING
     # Prompt followed by generated tokens; a preempted request recomputes all of them.
     token_ids: list[int] = field(default_factory=list)
@@ -111,6 +113,12 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def generated_token_ids(self) -> list[int]:
+        """Every token generated for the client's request: a resumed stream's too (the tail
+        of its prompt), which penalties and grammars count as output."""
+        return self.token_ids[len(self.prompt_token_ids) - self.params.resumed_output_tokens :]
 
     def sort_key(self) -> tuple[int, int]:
         return (self.priority, self.arrival_order)

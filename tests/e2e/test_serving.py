@@ -290,3 +290,33 @@ def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
     if served.redis is not None:
         served.redis.start()
     wait_workers_running()
+
+
+def test_structured_outputs_hold_in_the_served_cluster(served, client):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 10},
+                       "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+        "required": ["name", "tags"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "user", "schema": schema, "strict": True}}
+    for stream in (False, True):
+        kwargs = dict(model=served.model_name, response_format=fmt, max_tokens=200, seed=3,
+                      messages=[{"role": "user", "content": "A user."}])  # fmt: skip
+        if stream:
+            chunks = client.chat.completions.create(stream=True, **kwargs)
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            text = client.chat.completions.create(**kwargs).choices[0].message.content
+        jsonschema.validate(json.loads(text), schema)
+    choice = client.completions.create(
+        model=served.model_name, prompt="Answer:", max_tokens=5,
+        extra_body={"guided_choice": ["yes", "no"]},
+    )  # fmt: skip
+    assert choice.choices[0].text in ("yes", "no")
+    wait_pools_whole(served)

@@ -48,14 +48,15 @@ class SpecDecoder:
     def plan(self, running: list[Request]) -> dict[str, int]:
         """Draft slots for this step: k for each decoding request (none for requests that want
         logprobs, whose per-token logprobs would have to be recomputed, nor for requests with
-        penalties, a logit bias or min_tokens, whose logits depend on the tokens before each
-        draft, nor for a request's last token)."""
+        penalties, a logit bias, min_tokens or a structured output, whose logits depend on the
+        tokens before each draft, nor for a request's last token)."""
         decoding = [
             r
             for r in running
             if r.num_tokens - r.num_computed_tokens == 1
             and r.params.logprobs is None
             and not steers_logits(r.params)
+            and r.params.structured_output is None
         ]
         draft_s = catch_up_s = 0.0
         if self.draft is not None:
