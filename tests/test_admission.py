@@ -44,7 +44,8 @@ def test_refuses_only_what_would_miss_the_slo_and_never_a_request_alone():
 def test_full_slots_and_time_already_waited_count_toward_the_slo():
     control = AdmissionControl(0.5, 256, model(), max_num_seqs=4)
     for _ in range(4):
-        control.admitted(10, max_tokens=100)  # the mean decode moves toward 100 tokens
+        control.admitted(10, max_tokens=100)  # the first sets the mean decode: no ramp from 0
+    assert control.mean_output_tokens == 100
     # 4 slots, all 4 requests ahead still queued: a fifth waits a round of decodes.
     refusal = control.check(10, num_running=0)
     assert refusal is not None and "first token" in refusal.reason

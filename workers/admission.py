@@ -117,6 +117,8 @@ class AdmissionControl:
     def admitted(self, prompt_tokens: int, max_tokens: int = 0) -> None:
         self.queued_tokens += prompt_tokens
         self.queued_requests += 1
+        if self.mean_output_tokens == 0.0:  # the first request sets it, not a ramp from zero
+            self.mean_output_tokens = float(max_tokens)
         self.mean_output_tokens += 0.1 * (max_tokens - self.mean_output_tokens)
 
     def started(self, prompt_tokens: int) -> None:
