@@ -192,7 +192,7 @@ def worker_stats(base: str) -> dict[str, dict[str, float]]:
 def pool_whole(stats: dict[str, dict[str, float]]) -> bool:
     """Every listed worker idle, with every KV block of its pool free."""
     return bool(stats) and all(
-        s.get("kv_free_blocks") == s.get("kv_blocks", -1)
+        s.get("kv_free_blocks") == s.get("kv_blocks", 0) > 0
         and s.get("num_requests_running") == s.get("num_requests_waiting") == 0
         for s in stats.values()
     )

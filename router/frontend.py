@@ -248,12 +248,11 @@ class _Migration:
         original = self.original
         skip = original.sampling.skip_special_tokens
         text = tokenizer.decode(self.sent_tokens, skip_special_tokens=skip)
-        sent = "".join(self.sent_text)
         self.finished = True
         return RequestDelta(
             request_id=original.request_id,
             new_token_ids=[],
-            new_text=text[len(sent) :] if text.startswith(sent) else "",
+            new_text=self._unseen(text),
             finished=True,
             finish_reason="length",
             num_prompt_tokens=len(original.prompt_token_ids),
@@ -272,5 +271,9 @@ class _Migration:
             text = tokenizer.decode(tokens[: len(tokens) - unemitted], skip_special_tokens=skip)
             if not text.endswith("\ufffd"):
                 break
+        return unemitted, self._unseen(text)
+
+    def _unseen(self, text: str) -> str:
+        """What of `text`, the decoded sent tokens, the client has not been sent yet."""
         sent = "".join(self.sent_text)
-        return unemitted, text[len(sent) :] if text.startswith(sent) else ""
+        return text[len(sent) :] if text.startswith(sent) else ""

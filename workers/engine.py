@@ -221,8 +221,8 @@ class Engine:
         if params.structured_output is None:
             return None
         matcher = self.structured.matcher(*params.structured_output)
-        resumed = prompt[len(prompt) - params.resumed_output_tokens :]
-        for token in resumed if params.resumed_output_tokens else ():
+        num_resumed = params.resumed_output_tokens
+        for token in prompt[len(prompt) - num_resumed :] if num_resumed else []:
             if not matcher.accept_token(token):
                 raise ValueError("the resumed tokens do not follow the structured output")
         return matcher

@@ -5,7 +5,6 @@ very text an uninterrupted run gives, with usage counted once."""
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 import ray
 from ray import serve
 
+from benchmarks.chaos import recoveries, wait_pool_whole, worker_stats
 from cluster.app import build_app
 from cluster.config import ClusterConfig
 from kvstore.index_actor import kill_index_actor
@@ -96,30 +96,9 @@ def test_streams_and_plain_requests_survive_a_worker_killed_mid_stream(base_url,
         assert usage == MAX_TOKENS and reason == "length"
     short = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     assert plains == [o.outputs[0].text for o in offline.generate(PROMPTS[:2], short)]
-    metrics = httpx.get(base_url + "/metrics").text
-    migrated = re.search(r'^manta_request_recoveries_total{kind="migration"} (\S+)$', metrics, re.M)
-    assert migrated and float(migrated.group(1)) >= 1  # streams really moved mid-way
-    assert_pools_whole(base_url)
-
-
-def assert_pools_whole(base_url: str, timeout_s: float = 15.0) -> None:
-    """Every listed worker's KV pool has every block free and runs nothing."""
-    pattern = r'^manta_({})(?:_total)?{{worker="([^"]+)"}} (\S+)$'
-    pattern = pattern.format("kv_blocks|kv_free_blocks|num_requests_running|num_requests_waiting")
-    deadline = time.time() + timeout_s
-    while True:
-        stats: dict[str, dict[str, float]] = {}
-        for name, worker, value in re.findall(pattern, httpx.get(base_url + "/metrics").text, re.M):
-            stats.setdefault(worker, {})[name] = float(value)
-        whole = stats and all(
-            s["kv_free_blocks"] == s["kv_blocks"] > 0
-            and s["num_requests_running"] == s["num_requests_waiting"] == 0
-            for s in stats.values()
-        )
-        if whole:
-            return
-        assert time.time() < deadline, f"KV pools not whole: {stats}"
-        time.sleep(0.2)
+    assert recoveries(base_url).get("migration", 0) >= 1  # streams really moved mid-way
+    whole, _ = wait_pool_whole(base_url, timeout_s=15)
+    assert whole, worker_stats(base_url)
 
 
 def test_health_says_503_while_no_worker_runs_and_recovers(base_url):
