@@ -65,6 +65,7 @@ def test_no_slo_means_no_gate():
 
 def test_a_burst_beyond_the_gate_gets_429_with_retry_after_and_the_gate_empties(tiny_model):
     import asyncio
+    import time
 
     import httpx
 
@@ -91,6 +92,10 @@ def test_a_burst_beyond_the_gate_gets_429_with_retry_after_and_the_gate_empties(
             assert int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["code"] == "overloaded"
         assert state.gate.waiting == 0
+        deadline = time.time() + 10  # the engine frees the last blocks just after its delta
+        while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
+            assert time.time() < deadline, engine.stats()
+            time.sleep(0.05)
         metrics = httpx.get(server.url + "/metrics").text
         assert "manta_router_waiting_first_token 0.0" in metrics
         assert "manta_router_first_token_limit 2.0" in metrics

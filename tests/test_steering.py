@@ -3,6 +3,8 @@ without speculation, which steered requests skip) and over HTTP with the `openai
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -57,6 +59,10 @@ def server(tiny_model):
     engine = AsyncEngine(EngineConfig(model=tiny_model, num_blocks=128, max_num_seqs=4))
     served = Server(create_app(ServerState(engine_frontend(engine))))
     yield served, engine
+    deadline = time.time() + 10  # every request above, refused ones too, gives its blocks back
+    while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
+        assert time.time() < deadline, engine.stats()
+        time.sleep(0.05)
     served.stop()
     engine.shutdown()
 
