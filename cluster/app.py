@@ -38,6 +38,7 @@ def build_app(config: ClusterConfig) -> Application:
         "affinity_prefix_tokens": config.router.affinity_prefix_tokens,
         "special_tokens_in_content": config.special_tokens_in_content,
         "max_tokens_cap": config.max_tokens_cap,
+        "tool_call_parser": config.tool_call_parser,
     }
     tokenizer_factory = functools.partial(Tokenizer.from_pretrained, config.model)
     worker_kwargs = {

@@ -10,6 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+from router.tool_calls import PARSERS
+
 DEFAULT_CACHE = Path(os.environ.get("MANTA_CACHE", Path.home() / ".cache" / "manta"))
 
 
@@ -98,6 +100,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given["slo_itl_s"] = args.slo_itl_s
     if args.max_tokens_cap:
         given["max_tokens_cap"] = args.max_tokens_cap
+    if args.tool_call_parser:
+        given["tool_call_parser"] = args.tool_call_parser
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     config = ClusterConfig(
@@ -300,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="refuse (429) requests whose predicted time to first token exceeds this "
         "(default 2; 0: never)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=PARSERS,
+        help="how the model writes tool calls, read for tool_choice auto (default: the format "
+        "its chat template teaches: mistral, llama3_json, else hermes)",
     )
     p.add_argument(
         "--max-tokens-cap",

@@ -68,6 +68,11 @@ class ClusterConfig(BaseModel):
         description="A worker refuses (429, Retry-After from the predicted drain time) a "
         "request whose predicted time to first token exceeds this; None: never.",
     )
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = Field(
+        None,
+        description="How the model writes tool calls (the format `tool_choice: auto` reads); "
+        "None: the one its chat template teaches.",
+    )
     max_tokens_cap: int | None = Field(
         None,
         ge=1,

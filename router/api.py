@@ -303,12 +303,13 @@ async def _first_delta(gate: FirstTokenGate, merged, num_requests: int):
         gate.leave(num_requests, ttft)
 
 
-async def _prepare(request: Request, body, prompts: list[list[int]], tenant: str | None):
+async def _prepare(
+    request: Request, body, prompts: list[list[int]], tenant: str | None, sampling: dict
+):
     """One GenerateRequest per choice (prompt x n), each with its own seed when seeded."""
     state: ServerState = request.app.state.manta
     if state.liveness is not None and (reason := await state.liveness()) is not None:
         raise WorkerUnavailableError(reason)  # 503 now, rather than queue for a worker
-    sampling = body.to_sampling_kwargs()
     n = sampling.pop("n")
     subs = []
     for ids in prompts:
@@ -322,9 +323,12 @@ async def _prepare(request: Request, body, prompts: list[list[int]], tenant: str
     return subs, streams
 
 
-async def _respond(request: Request, body, formatter, prompts, tenant) -> Response:
+async def _respond(
+    request: Request, body, formatter, prompts, tenant, sampling: dict | None = None
+) -> Response:
     state: ServerState = request.app.state.manta
-    subs, streams = await _prepare(request, body, prompts, tenant)
+    sampling = sampling or body.to_sampling_kwargs()
+    subs, streams = await _prepare(request, body, prompts, tenant, sampling)
     metrics = state.metrics
     merged = _merged(streams)
     first = await _first_delta(state.gate, merged, len(subs))
@@ -397,16 +401,16 @@ def create_app(state: ServerState) -> FastAPI:
             state.gate.check()
             body = await _parse(request, ChatCompletionRequest)
             frontend = state.frontend
-            # OpenAI's newer name for the system role; chat templates know only "system".
-            roles = {"developer": "system"}
-            messages = [
-                {"role": roles.get(m.role, m.role), "content": m.text()} for m in body.messages
-            ]
-            prompt = await asyncio.to_thread(
-                frontend.render_chat, messages, add_generation_prompt=True
-            )
+            messages = [m.for_template() for m in body.messages]
+            template_kwargs = {"add_generation_prompt": True}
+            if (tools := body.template_tools()) is not None:
+                template_kwargs["tools"] = tools
+            prompt = await asyncio.to_thread(frontend.render_chat, messages, **template_kwargs)
             formatter = ChatFormatter(body, frontend, [prompt])
-            return await _respond(request, body, formatter, [prompt], tenant)
+            sampling = body.to_sampling_kwargs()
+            if formatter.tool_format == "mistral":  # its marker is a special token
+                sampling["skip_special_tokens"] = False
+            return await _respond(request, body, formatter, [prompt], tenant, sampling)
         except Exception as error:
             return _error_response(request, _as_http_error(error))
 

@@ -20,6 +20,7 @@ from kvstore.index import PrefixIndex
 from kvstore.messages import GenerateRequest, RequestDelta, RoutingHint, WorkerUnavailableError
 from kvstore.sampling_params import SamplingParams
 from kvstore.worker_reports import Reports, WorkerReports
+from router.tool_calls import default_parser
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class Frontend:
         special_tokens_in_content: bool = False,
         on_recovery: Callable[[str], None] = lambda kind: None,
         reports: Reports | None = None,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.backend = backend
@@ -77,6 +79,10 @@ class Frontend:
         self.special_tokens_in_content = special_tokens_in_content
         self.on_recovery = on_recovery  # called with "retry" or "migration"
         self.reports = reports if reports is not None else WorkerReports()
+        templates = getattr(tokenizer, "chat_template_sources", {})
+        # The format `tool_choice: auto` reads calls in: the server's choice, else the one
+        # the chat template teaches.
+        self.tool_call_parser = tool_call_parser or default_parser("".join(templates.values()))
 
     # -- prompts ----------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:

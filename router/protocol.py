@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's legacy completions default; chat defaults to the rest of the context window."""
 MAX_STOP_SEQUENCES = 4
@@ -33,6 +33,9 @@ MAX_STOP_LENGTH = 1024  # characters per stop string: matching is linear, but bo
 MAX_CHOICES = 64  # prompts x n in one request: each choice is a request on a worker
 MAX_CACHE_SALT_LENGTH = 256
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_TOOLS = 128
+MAX_PARALLEL_TOOL_CALLS = 8  # calls in one reply under a required tool_choice
+FUNCTION_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch generators take; child seeds wrap within it
 
 # Known OpenAI parameters Manta does not implement, and the values that mean "not used".
@@ -40,11 +43,11 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
 }
 # Union-member tags pydantic puts in an error's location; they are not request fields.
-_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "TextPart"})
+_TYPE_TAGS = frozenset(
+    {"str", "int", "float", "bool", "list", "dict", "TextPart", "NamedToolChoice"}
+)
 
 
 def _now() -> int:
@@ -69,16 +72,18 @@ def _split_prompts(prompt: str | list[Any]) -> list[Any]:
     return list(prompt)
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    """Unknown fields and loose types are refused, as OpenAI does."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
+
+class StreamOptions(_Strict):
     include_usage: bool | None = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Strict):
     """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -245,22 +250,63 @@ class CompletionRequest(_SamplingRequest):
         return self._sampling_kwargs(max_tokens, self.logprobs)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
-    """One message; content may be plain text or text parts (other part types are refused)."""
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(_Strict):
+    """A call the assistant made: in responses, and in the history a client sends back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        """The call as chat templates take it: arguments as an object where they parse (the
+        Qwen2.5 and Llama 3.1 templates serialize them themselves), else the text."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = self.function.arguments
+        function = {"name": self.function.name, "arguments": arguments}
+        return {"id": self.id, "type": "function", "function": function}
+
+
+class ChatMessage(_Strict):
+    """One message; content may be plain text or text parts (other part types are refused)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
     @field_validator("content")
     @classmethod
@@ -268,6 +314,28 @@ class ChatMessage(BaseModel):
         if value is None and info.data.get("role") != "assistant":
             raise ValueError("content is required unless the role is assistant")
         return value
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _check_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return value
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates take it (`developer` becomes `system`, which is all
+        templates know)."""
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": self.text(),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [call.for_template() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         """The content as one string (parts joined by newlines, as vLLM does)."""
@@ -283,8 +351,75 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> ChatCompletionRequest:
+        names = [tool.function.name for tool in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct function names")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+        if self.forced_tool_schema() is not None and self.structured_output_of_body():
+            raise ValueError("tool_choice required or named cannot be combined with a "
+                             "response_format or guided_* constraint")  # fmt: skip
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """ "none", "auto", "required" or "named": how tools shape this request's output."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them; none when tool_choice is "none"."""
+        if self.tool_mode == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
+
+    def forced_tool_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a required or named tool_choice constrains the output to, as vLLM
+        does: a named function's arguments object itself; for "required", an array of
+        `{"name", "parameters"}` objects, one per call (one at most without parallel calls,
+        else MAX_PARALLEL_TOOL_CALLS)."""
+        mode = self.tool_mode
+        if mode == "named":
+            name = self.tool_choice.function.name
+            tool = next(t for t in self.tools if t.function.name == name)
+            return tool.function.parameters or {"type": "object"}
+        if mode != "required":
+            return None
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [tool.function.name]},
+                    "parameters": tool.function.parameters or {"type": "object"},
+                },
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for tool in self.tools
+        ]
+        most = MAX_PARALLEL_TOOL_CALLS if self.parallel_tool_calls else 1
+        return {"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": calls}}
+
+    def structured_output(self) -> tuple[str, str] | None:
+        forced = self.forced_tool_schema()
+        if forced is not None:
+            return ("json", json.dumps(forced))
+        return self.structured_output_of_body()
+
+    def structured_output_of_body(self) -> tuple[str, str] | None:
+        return super().structured_output()
 
     @field_validator("top_logprobs")
     @classmethod
@@ -366,6 +501,14 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -384,15 +527,35 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
-class DeltaMessage(BaseModel):
-    """What a chunk adds; unset fields are left out (`{}` in the final chunk), as OpenAI does."""
-
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _Sparse(BaseModel):
+    """Unset fields are left out, as OpenAI's chunks do."""
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    """A piece of a streamed call: its first names id, type and function name; the rest
+    carry argument text, to be joined in order."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(_Sparse):
+    """What a chunk adds (`{}` in the final chunk)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -20,12 +20,17 @@ from router.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     Usage,
     new_id,
 )
+from router.tool_calls import CallPiece, ToolCallScanner
 
 
 @dataclass(slots=True)
@@ -126,11 +131,43 @@ class CompletionFormatter(_Formatter):
 
 
 class ChatFormatter(_Formatter):
+    """Chat responses and chunks; with tools, each choice's text is read for tool calls
+    (router/tool_calls.py) in the format the request's tool_choice and the server imply."""
+
     id_prefix = "chatcmpl"
 
     def __init__(self, body: Any, frontend: Any, prompts: list[list[int]]) -> None:
         super().__init__(body, frontend, prompts)
         self._started: set[int] = set()
+        mode = getattr(body, "tool_mode", "none")
+        self.tool_format = None if mode == "none" else (
+            frontend.tool_call_parser if mode == "auto" else mode)  # fmt: skip
+        self.tool_name = body.tool_choice.function.name if mode == "named" else None
+        self._scanners = [self._scanner() for _ in self.choices]
+
+    def _scanner(self) -> ToolCallScanner | None:
+        if self.tool_format is None:
+            return None
+        return ToolCallScanner(self.tool_format, self.tool_name)
+
+    def _finish_reason(self, reason: str | None, scanner: ToolCallScanner | None) -> str:
+        if scanner is not None and scanner.found_calls and reason in (None, "stop"):
+            return "tool_calls"
+        return reason or "stop"
+
+    def _message(self, choice: _Choice) -> tuple[AssistantMessage, str]:
+        scanner = self._scanner()
+        if scanner is None:
+            return AssistantMessage(content=choice.text), choice.finish_reason or "stop"
+        content, _ = scanner.feed(choice.text)
+        content += scanner.finish()
+        calls = [
+            ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for c in scanner.calls
+        ]
+        message = AssistantMessage(content=content or None if calls else content,
+                                   tool_calls=calls or None)  # fmt: skip
+        return message, self._finish_reason(choice.finish_reason, scanner)
 
     def _logprobs(self, entries) -> ChatLogprobs | None:
         if not self.wants_logprobs:
@@ -155,15 +192,13 @@ class ChatFormatter(_Formatter):
         return ChatLogprobs(content=content)
 
     def response(self) -> dict:
-        choices = [
-            ChatChoice(
-                index=i,
-                message=AssistantMessage(content=c.text),
-                logprobs=self._logprobs(c.logprobs),
-                finish_reason=c.finish_reason or "stop",
+        choices = []
+        for i, c in enumerate(self.choices):
+            message, reason = self._message(c)
+            logprobs = self._logprobs(c.logprobs)
+            choices.append(
+                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason)
             )
-            for i, c in enumerate(self.choices)
-        ]
         return ChatCompletionResponse(
             id=self.id, model=self.model, choices=choices, usage=self.usage()
         ).model_dump()
@@ -182,27 +217,41 @@ class ChatFormatter(_Formatter):
                     ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
                 )
             )
-        if delta.new_text or delta.new_logprobs:
+        scanner = self._scanners[index]
+        content, pieces = delta.new_text, []
+        if scanner is not None:
+            content, pieces = scanner.feed(delta.new_text)
+            if delta.finished:
+                content += scanner.finish()
+        if content or delta.new_logprobs:
             out.append(
                 self._chunk(
                     ChatChunkChoice(
                         index=index,
-                        delta=DeltaMessage(content=delta.new_text),
+                        delta=DeltaMessage(content=content),
                         logprobs=self._logprobs(delta.new_logprobs or []),
                     )
                 )
             )
-        if delta.finished:
+        if pieces:
+            calls = [_delta_call(piece) for piece in pieces]
             out.append(
-                self._chunk(
-                    ChatChunkChoice(
-                        index=index, delta=DeltaMessage(), finish_reason=delta.finish_reason
-                    )
-                )
+                self._chunk(ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=calls)))
             )
+        if delta.finished:
+            reason = self._finish_reason(delta.finish_reason, scanner)
+            last = ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)
+            out.append(self._chunk(last))
         return out
 
     def usage_chunk(self) -> str:
         return ChatCompletionChunk(
             id=self.id, model=self.model, choices=[], usage=self.usage()
         ).model_dump_json()
+
+
+def _delta_call(piece: CallPiece) -> DeltaToolCall:
+    if piece.id is not None:  # the call's first piece: id, type and name
+        function = DeltaFunctionCall(name=piece.name, arguments=piece.arguments)
+        return DeltaToolCall(index=piece.index, id=piece.id, type="function", function=function)
+    return DeltaToolCall(index=piece.index, function=DeltaFunctionCall(arguments=piece.arguments))

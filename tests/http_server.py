@@ -3,6 +3,7 @@ router's frontend over an engine in this process (what such an app serves)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -46,3 +47,21 @@ def engine_frontend(engine: AsyncEngine, name: str = "tiny") -> Frontend:
         max_model_len=engine.engine.max_model_len,
         block_size=engine.engine.config.block_size,
     )
+
+
+@contextlib.contextmanager
+def served_engine(model: str, **engine_settings):
+    """(openai client, engine): an engine on `model` behind the real API on a real port."""
+    import openai
+
+    from router.api import ServerState, create_app
+    from workers.engine import EngineConfig
+
+    engine = AsyncEngine(EngineConfig(model=model, **engine_settings))
+    server = Server(create_app(ServerState(engine_frontend(engine))))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    try:
+        yield client, engine
+    finally:
+        server.stop()
+        engine.shutdown()

@@ -160,11 +160,66 @@ INVALID_CHAT = [
     ("logprobs", 1),
     ("top_logprobs", 21),
     ("top_logprobs", 2),
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"),
+    ("tools", [{"type": "function", "function": {"name": "no spaces allowed"}}]),
+    ("tools", [{"type": "retrieval", "function": {"name": "f"}}]),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": "object"}}]),
+    ("tool_choice", "sometimes"),
     ("response_format", {"type": "xml"}),
     ("response_format", {"type": "json_schema", "json_schema": "not an object"}),
 ]
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+         {"type": "function", "function": {"name": "g"}}]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tool_choice": "required"}, "tool_choice needs tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "h"}}},
+         "'h', which is not in tools"),
+        ({"tools": TOOLS + TOOLS[:1]}, "distinct function names"),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+         "cannot be combined"),
+    ],
+)  # fmt: skip
+def test_inconsistent_tools_are_refused(fields: dict, message: str) -> None:
+    errors = errors_of(chat, **fields)
+    assert message in errors[0]["msg"]
+
+
+def test_tool_choice_modes_and_forced_schemas() -> None:
+    assert chat().tool_mode == "none" and chat(tools=TOOLS, tool_choice="none").tool_mode == "none"
+    assert chat(tools=TOOLS).tool_mode == "auto"
+    assert chat(tools=TOOLS).template_tools() == TOOLS
+    assert chat(tools=TOOLS, tool_choice="none").template_tools() is None
+    named = chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "g"}})
+    assert named.tool_mode == "named"
+    assert named.structured_output() == ("json", json.dumps({"type": "object"}))
+    required = chat(tools=TOOLS, tool_choice="required", parallel_tool_calls=False)
+    kind, spec = required.structured_output()
+    schema = json.loads(spec)
+    assert kind == "json" and schema["maxItems"] == 1 and schema["minItems"] == 1
+    names = [c["properties"]["name"]["enum"] for c in schema["items"]["anyOf"]]
+    assert names == [["f"], ["g"]]
+
+
+def test_history_with_tool_calls_renders_for_templates() -> None:
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "f", "arguments": '{"a": 1}'}}  # fmt: skip
+    request = chat(messages=[
+        {"role": "developer", "content": "sys"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "2", "tool_call_id": "c1"},
+    ])  # fmt: skip
+    rendered = [m.for_template() for m in request.messages]
+    assert rendered[0] == {"role": "system", "content": "sys"}
+    assert rendered[2]["tool_calls"][0]["function"] == {"name": "f", "arguments": {"a": 1}}
+    assert rendered[3] == {"role": "tool", "content": "2", "tool_call_id": "c1"}
+    with pytest.raises(ValidationError, match="only assistant messages"):
+        chat(messages=[{"role": "user", "content": "x", "tool_calls": [call]}])
 
 
 @pytest.mark.parametrize("field, value", INVALID_CHAT)

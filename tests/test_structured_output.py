@@ -14,10 +14,7 @@ import jsonschema
 import openai
 import pytest
 
-from router.api import ServerState, create_app
-from tests.http_server import Server, engine_frontend
-from workers.async_engine import AsyncEngine
-from workers.engine import EngineConfig
+from tests.http_server import served_engine
 
 WORDS = ["red", "green", "blue", "cat", "dog"]
 
@@ -61,12 +58,8 @@ def make_schema(rng: random.Random, depth: int = 0) -> dict:
 
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    engine = AsyncEngine(EngineConfig(model=tiny_model, num_blocks=256, max_num_seqs=8))
-    server = Server(create_app(ServerState(engine_frontend(engine))))
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
-    yield client, engine
-    server.stop()
-    engine.shutdown()
+    with served_engine(tiny_model, num_blocks=256, max_num_seqs=8) as (client, engine):
+        yield client, engine
 
 
 def chat(client, stream: bool, **kwargs) -> tuple[str, str]:

@@ -320,3 +320,38 @@ def test_structured_outputs_hold_in_the_served_cluster(served, client):
     )  # fmt: skip
     assert choice.choices[0].text in ("yes", "no")
     wait_pools_whole(served)
+
+
+def test_tool_calls_hold_in_the_served_cluster(served, client):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "pattern": "^[A-Z][a-z]{1,8}$"},
+                       "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": schema}},
+             {"type": "function", "function": {"name": "clock"}}]  # fmt: skip
+    kwargs = dict(model=served.model_name, tools=tools, max_tokens=100, seed=5,
+                  tool_choice={"type": "function", "function": {"name": "forecast"}},
+                  messages=[{"role": "user", "content": "Weather in Oslo?"}])  # fmt: skip
+    reply = client.chat.completions.create(**kwargs).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    (made,) = reply.message.tool_calls
+    jsonschema.validate(json.loads(made.function.arguments), schema)
+    streamed = ""
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        for piece in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            assert piece.index == 0
+            streamed += piece.function.arguments or ""
+    assert streamed == made.function.arguments  # the same call, streamed in pieces
+    history = [*kwargs.pop("messages"), reply.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": made.id, "content": "rain"}]  # fmt: skip
+    kwargs.pop("tool_choice")
+    answer = client.chat.completions.create(messages=history, **kwargs).choices[0]
+    assert answer.finish_reason in ("stop", "length", "tool_calls")
+    wait_pools_whole(served)

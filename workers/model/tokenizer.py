@@ -185,6 +185,7 @@ class Tokenizer:
         self._backend = backend
         self._special_tokens = special_tokens
         self._chat_templates = {n: _compile_chat_template(s) for n, s in chat_templates.items()}
+        self.chat_template_sources = dict(chat_templates)  # read for the tool-call format
         eos = set(generation_eos_ids)
         if (eos_id := self._special_id("eos_token")) is not None:
             eos.add(eos_id)
