@@ -110,7 +110,10 @@ class _Object:
         return False
 
     def _top_level_string(self, literal: str) -> None:
-        value = json.loads(literal)
+        try:
+            value = json.loads(literal)
+        except ValueError:  # a model may write escapes JSON has not: keep them as written
+            value = literal[1:-1]
         if self.key == "name" and self.name is None and isinstance(value, str):
             self.name = value
             self.key = None
@@ -137,7 +140,10 @@ class _Object:
         raw = self.text[self.args_start : end].strip()
         if self.args_streams:
             return raw
-        value = json.loads(raw)  # arguments given as a string of JSON, or a bare value
+        try:
+            value = json.loads(raw)  # arguments given as a string of JSON, or a bare value
+        except ValueError:
+            return raw
         return value if isinstance(value, str) else json.dumps(value)
 
 

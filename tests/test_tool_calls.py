@@ -5,6 +5,7 @@ of the unstreamed response."""
 from __future__ import annotations
 
 import json
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -78,6 +79,12 @@ def test_text_that_only_looks_like_a_marker_is_content() -> None:
     assert scan("llama3_json", "  <|python", 3) == ("  <|python", [])
 
 
+def test_text_that_is_not_json_never_raises() -> None:
+    text = '<tool_call>{"name": "f\\q", "arguments": tru}</tool_call><tool_call>{"name": 3}'
+    for step in (1, 4, 100):
+        assert scan("hermes", text, step) == ("", [("f\\q", "tru")])
+
+
 def test_arguments_written_as_a_string_are_decoded() -> None:
     text = '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'
     assert scan("hermes", text, 4) == ("", [("f", '{"a": 1}')])
@@ -147,3 +154,16 @@ def test_a_reply_without_calls_is_plain_content() -> None:
     choice = out.response()["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["message"] == {"role": "assistant", "content": "just words"}
+
+
+@pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral", "required", "named"])
+def test_random_text_never_raises_and_reads_the_same_in_pieces(fmt: str) -> None:
+    """What a random-weight model may write: any mix of JSON's characters and the markers."""
+    rng = random.Random(fmt)
+    atoms = ['{', '}', '[', ']', '"', ':', ',', '\\', ' ', 'a', '1', '"name"', '"arguments"',
+             '"parameters"', '<tool_call>', '</tool_call>', '[TOOL_CALLS]', '<|python_tag|>',
+             ';', 'tru', '\\u12']  # fmt: skip
+    for _ in range(300):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 40)))
+        whole = scan(fmt, text, max(1, len(text)), name="f")
+        assert scan(fmt, text, rng.randint(1, 5), name="f") == whole
