@@ -188,6 +188,40 @@ def test_chat_template_matches_transformers(pair, conversation, add_generation_p
     assert tok.encode(ours, add_special_tokens=False) == tokens["input_ids"]
 
 
+def test_tools_and_tool_calls_render_as_transformers_does(pair) -> None:
+    """The builder's template lists tools, calls and results the way Qwen2.5's does."""
+    tok, ref = pair
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "<d> ü",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": {"city": "Oslo"}},
+    }
+    conversation = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "rain", "tool_call_id": "c1"},
+    ]  # fmt: skip
+    for history in (conversation, conversation[1:]):
+        ours = tok.apply_chat_template(history, tools=tools)
+        assert ours == ref.apply_chat_template(
+            history, tools=tools, add_generation_prompt=True, tokenize=False
+        )
+        assert '<tools>\n{"type": "function"' in ours
+        assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}' in ours
+        assert "<tool_response>\nrain\n</tool_response>" in ours
+
+
 def test_default_adds_generation_prompt(pair) -> None:
     tok, _ = pair
     assert tok.apply_chat_template(CONVERSATIONS[0]).endswith("<|im_start|>assistant\n")
