@@ -58,30 +58,41 @@ async def complete(
     client: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, stream: bool
 ) -> Outcome:
     """One greedy completion of exactly `max_tokens` tokens, streamed or not, checked whole."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream}  # fmt: skip
-    if stream:
-        body["stream_options"] = {"include_usage": True}
+    body = completion_body(model, prompt, max_tokens, stream)
     out = Outcome(0.0, prompt=prompt)
     start = time.perf_counter()
     try:
         async with client.stream("POST", base + "/v1/completions", json=body) as response:
             out.status = response.status_code
             out.retry_after = response.headers.get("retry-after")
-            if response.status_code != 200:
-                await response.aread()
-                out.kind = f"http_{response.status_code}"
-            elif stream:
+            if response.status_code == 200 and stream:
                 out.kind, out.text = await _read_stream(response, max_tokens)
             else:
-                reply = json.loads(await response.aread())
-                out.text = reply["choices"][0]["text"]
-                if reply["usage"]["completion_tokens"] != max_tokens:
-                    out.kind = "truncated"
+                judge_reply(out, await response.aread(), max_tokens)
     except (httpx.HTTPError, OSError) as error:
         out.kind = "connection" if isinstance(error, httpx.TransportError) else "broken"
     out.latency_s = time.perf_counter() - start
     return out
+
+
+def completion_body(model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
+    """A greedy completion that runs to exactly `max_tokens` tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def judge_reply(out: Outcome, reply: bytes, max_tokens: int) -> None:
+    """`out`'s kind and text from a whole (unstreamed) reply with status `out.status`."""
+    if out.status != 200:
+        out.kind = f"http_{out.status}"
+        return
+    answer = json.loads(reply)
+    out.text = answer["choices"][0]["text"]
+    if answer["usage"]["completion_tokens"] != max_tokens:
+        out.kind = "truncated"
 
 
 async def _read_stream(response: httpx.Response, max_tokens: int) -> tuple[str, str]:
@@ -165,22 +176,14 @@ async def open_loop(
         async def at(i: int, arrival: float) -> Outcome:
             await asyncio.sleep(max(0.0, arrival - (time.perf_counter() - start)))
             prompt = texts[i % len(texts)]
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True}  # fmt: skip
+            body = completion_body(model, prompt, max_tokens, stream=False)
             out = Outcome(arrival, prompt=prompt)
             sent = time.perf_counter()
             try:
                 async with session.post(base + "/v1/completions", json=body) as response:
                     out.status = response.status
                     out.retry_after = response.headers.get("retry-after")
-                    reply = await response.read()
-                if out.status != 200:
-                    out.kind = f"http_{out.status}"
-                else:
-                    answer = json.loads(reply)
-                    out.text = answer["choices"][0]["text"]
-                    if answer["usage"]["completion_tokens"] != max_tokens:
-                        out.kind = "truncated"
+                    judge_reply(out, await response.read(), max_tokens)
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
                 out.kind = "connection" if isinstance(error, OSError) else "broken"
             out.latency_s = time.perf_counter() - sent

@@ -323,11 +323,8 @@ async def _prepare(
     return subs, streams
 
 
-async def _respond(
-    request: Request, body, formatter, prompts, tenant, sampling: dict | None = None
-) -> Response:
+async def _respond(request: Request, body, formatter, prompts, tenant, sampling: dict) -> Response:
     state: ServerState = request.app.state.manta
-    sampling = sampling or body.to_sampling_kwargs()
     subs, streams = await _prepare(request, body, prompts, tenant, sampling)
     metrics = state.metrics
     merged = _merged(streams)
@@ -389,8 +386,9 @@ def create_app(state: ServerState) -> FastAPI:
             frontend = state.frontend
             # Off the event loop: a long prompt must not hold up other requests or /health.
             prompts = await asyncio.to_thread(lambda: [frontend.encode(p) for p in body.prompts()])
-            formatter = CompletionFormatter(body, frontend, prompts)
-            return await _respond(request, body, formatter, prompts, tenant)
+            sampling = body.to_sampling_kwargs()
+            formatter = CompletionFormatter(body, frontend, prompts, sampling)
+            return await _respond(request, body, formatter, prompts, tenant, sampling)
         except Exception as error:
             return _error_response(request, _as_http_error(error))
 
@@ -406,8 +404,8 @@ def create_app(state: ServerState) -> FastAPI:
             if (tools := body.template_tools()) is not None:
                 template_kwargs["tools"] = tools
             prompt = await asyncio.to_thread(frontend.render_chat, messages, **template_kwargs)
-            formatter = ChatFormatter(body, frontend, [prompt])
             sampling = body.to_sampling_kwargs()
+            formatter = ChatFormatter(body, frontend, [prompt], sampling)
             if formatter.tool_format == "mistral":  # its marker is a special token
                 sampling["skip_special_tokens"] = False
             return await _respond(request, body, formatter, [prompt], tenant, sampling)

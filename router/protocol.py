@@ -365,7 +365,7 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ValueError("tool_choice needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
-        if self.forced_tool_schema() is not None and self.structured_output_of_body():
+        if self.forced_tool_schema() is not None and super().structured_output():
             raise ValueError("tool_choice required or named cannot be combined with a "
                              "response_format or guided_* constraint")  # fmt: skip
         return self
@@ -413,12 +413,10 @@ class ChatCompletionRequest(_SamplingRequest):
         return {"type": "array", "minItems": 1, "maxItems": most, "items": {"anyOf": calls}}
 
     def structured_output(self) -> tuple[str, str] | None:
+        """A forced tool_choice's schema, else what response_format or guided_* sets."""
         forced = self.forced_tool_schema()
         if forced is not None:
             return ("json", json.dumps(forced))
-        return self.structured_output_of_body()
-
-    def structured_output_of_body(self) -> tuple[str, str] | None:
         return super().structured_output()
 
     @field_validator("top_logprobs")

@@ -45,7 +45,7 @@ class _Choice:
 class _Formatter:
     id_prefix = "cmpl"
 
-    def __init__(self, body: Any, frontend: Any, prompts: list[list[int]]) -> None:
+    def __init__(self, body: Any, frontend: Any, prompts: list[list[int]], sampling: dict) -> None:
         self.body = body
         self.tokenizer = frontend.tokenizer
         self.model = frontend.model_name
@@ -53,7 +53,7 @@ class _Formatter:
         self.prompts = prompts
         self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
         self.id = new_id(self.id_prefix)
-        self.wants_logprobs = body.to_sampling_kwargs()["logprobs"] is not None
+        self.wants_logprobs = sampling["logprobs"] is not None
 
     def _record(self, index: int, delta: RequestDelta) -> _Choice:
         choice = self.choices[index]
@@ -136,10 +136,10 @@ class ChatFormatter(_Formatter):
 
     id_prefix = "chatcmpl"
 
-    def __init__(self, body: Any, frontend: Any, prompts: list[list[int]]) -> None:
-        super().__init__(body, frontend, prompts)
+    def __init__(self, body: Any, frontend: Any, prompts: list[list[int]], sampling: dict) -> None:
+        super().__init__(body, frontend, prompts, sampling)
         self._started: set[int] = set()
-        mode = getattr(body, "tool_mode", "none")
+        mode = body.tool_mode
         self.tool_format = None if mode == "none" else (
             frontend.tool_call_parser if mode == "auto" else mode)  # fmt: skip
         self.tool_name = body.tool_choice.function.name if mode == "named" else None

@@ -244,11 +244,9 @@ class ToolCallScanner:
             pieces += self._stream_arguments()
             if current.name is not None:
                 call = self.calls[-1]
+                # What did not stream: all of a string or scalar value, known only now.
                 rest = current.arguments()
-                if rest.startswith(call.arguments):
-                    tail = rest[len(call.arguments) :]
-                else:  # a string value: known only now
-                    tail = rest
+                tail = rest[len(call.arguments) :]
                 if tail:
                     pieces.append(CallPiece(len(self.calls) - 1, arguments=tail))
                 call.arguments = rest

@@ -112,7 +112,7 @@ def formatter(parser: str) -> ChatFormatter:
     )
     tokenizer = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "")
     frontend = SimpleNamespace(tokenizer=tokenizer, model_name="m", tool_call_parser=parser)
-    return ChatFormatter(body, frontend, [[1, 2]])
+    return ChatFormatter(body, frontend, [[1, 2]], body.to_sampling_kwargs())
 
 
 @pytest.mark.parametrize("fmt", ["hermes", "llama3_json", "mistral"])
