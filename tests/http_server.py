@@ -49,6 +49,15 @@ def engine_frontend(engine: AsyncEngine, name: str = "tiny") -> Frontend:
     )
 
 
+def wait_pool_whole(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
+    """Wait until every KV block of the engine's pool is free again (the engine frees a
+    request's blocks just after its last delta); fail the test if that takes too long."""
+    deadline = time.time() + timeout_s
+    while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
+        assert time.time() < deadline, engine.stats()
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def served_engine(model: str, **engine_settings):
     """(openai client, engine): an engine on `model` behind the real API on a real port."""

@@ -65,12 +65,11 @@ def test_no_slo_means_no_gate():
 
 def test_a_burst_beyond_the_gate_gets_429_with_retry_after_and_the_gate_empties(tiny_model):
     import asyncio
-    import time
 
     import httpx
 
     from router.api import ServerState, create_app
-    from tests.http_server import Server, engine_frontend
+    from tests.http_server import Server, engine_frontend, wait_pool_whole
     from workers.async_engine import AsyncEngine
     from workers.engine import EngineConfig
 
@@ -92,10 +91,7 @@ def test_a_burst_beyond_the_gate_gets_429_with_retry_after_and_the_gate_empties(
             assert int(refused.headers["retry-after"]) >= 1
             assert refused.json()["error"]["code"] == "overloaded"
         assert state.gate.waiting == 0
-        deadline = time.time() + 10  # the engine frees the last blocks just after its delta
-        while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
-            assert time.time() < deadline, engine.stats()
-            time.sleep(0.05)
+        wait_pool_whole(engine)
         metrics = httpx.get(server.url + "/metrics").text
         assert "manta_router_waiting_first_token 0.0" in metrics
         assert "manta_router_first_token_limit 2.0" in metrics

@@ -3,13 +3,11 @@ without speculation, which steered requests skip) and over HTTP with the `openai
 
 from __future__ import annotations
 
-import time
-
 import openai
 import pytest
 
 from router.api import ServerState, create_app
-from tests.http_server import Server, engine_frontend
+from tests.http_server import Server, engine_frontend, wait_pool_whole
 from workers import LLM, SamplingParams
 from workers.async_engine import AsyncEngine
 from workers.engine import EngineConfig
@@ -59,10 +57,7 @@ def server(tiny_model):
     engine = AsyncEngine(EngineConfig(model=tiny_model, num_blocks=128, max_num_seqs=4))
     served = Server(create_app(ServerState(engine_frontend(engine))))
     yield served, engine
-    deadline = time.time() + 10  # every request above, refused ones too, gives its blocks back
-    while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
-        assert time.time() < deadline, engine.stats()
-        time.sleep(0.05)
+    wait_pool_whole(engine)  # every request above, refused ones too, gives its blocks back
     served.stop()
     engine.shutdown()
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import random
 import re
-import time
 
 import jsonschema
 import openai
 import pytest
 
-from tests.http_server import served_engine
+from tests.http_server import served_engine, wait_pool_whole
 
 WORDS = ["red", "green", "blue", "cat", "dog"]
 
@@ -60,6 +59,14 @@ def make_schema(rng: random.Random, depth: int = 0) -> dict:
 def served(tiny_model):
     with served_engine(tiny_model, num_blocks=256, max_num_seqs=8) as (client, engine):
         yield client, engine
+
+
+@pytest.fixture(autouse=True)
+def pool_whole_after(request):
+    """After every test here that served requests, the engine's KV pool is whole again."""
+    yield
+    if "served" in request.fixturenames:
+        wait_pool_whole(request.getfixturevalue("served")[1])
 
 
 def chat(client, stream: bool, **kwargs) -> tuple[str, str]:
@@ -131,10 +138,7 @@ def test_bad_specs_get_400_and_the_engine_stays_whole(served):
             chat(client, False, max_tokens=8, **kwargs)
     text, reason = chat(client, False, max_tokens=4, temperature=0)  # still serving
     assert reason in ("length", "stop")
-    deadline = time.time() + 10
-    while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
-        assert time.time() < deadline, engine.stats()
-        time.sleep(0.05)
+    wait_pool_whole(engine)
 
 
 def test_the_benchmark_measures_both_runs_and_the_compile(tmp_path):

@@ -6,13 +6,12 @@ result, answer) works, a bad tool schema gets a 400, and the pool is whole after
 from __future__ import annotations
 
 import json
-import time
 
 import jsonschema
 import openai
 import pytest
 
-from tests.http_server import served_engine
+from tests.http_server import served_engine, wait_pool_whole
 
 SCHEMAS = {
     "get_weather": {
@@ -55,6 +54,14 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 def served(tiny_model):
     with served_engine(tiny_model, num_blocks=256, max_num_seqs=8) as (client, engine):
         yield client, engine
+
+
+@pytest.fixture(autouse=True)
+def pool_whole_after(request):
+    """After every test here that served requests, the engine's KV pool is whole again."""
+    yield
+    if "served" in request.fixturenames:
+        wait_pool_whole(request.getfixturevalue("served")[1])
 
 
 def call(client, stream: bool, messages=ASK, **kwargs):
@@ -154,7 +161,4 @@ def test_bad_tool_schemas_get_400_and_the_engine_stays_whole(served):
             client.chat.completions.create(**kwargs)
     _, calls, _ = call(client, False, tool_choice="required", parallel_tool_calls=False)
     assert_valid(calls)
-    deadline = time.time() + 10
-    while engine.stats()["num_free_blocks"] != engine.stats()["num_blocks"]:
-        assert time.time() < deadline, engine.stats()
-        time.sleep(0.05)
+    wait_pool_whole(engine)
