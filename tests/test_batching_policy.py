@@ -15,7 +15,7 @@ from workers.batching_policy import (
 
 
 def snapshot(running: int, waiting: int, waiting_tokens: int) -> QueueSnapshot:
-    return QueueSnapshot(running, waiting, waiting_tokens, arrival_rate=1.0, num_free_blocks=100)
+    return QueueSnapshot(running, waiting, waiting_tokens, num_free_blocks=100)
 
 
 def trained(overhead: float = 0.03, per_token: float = 0.002) -> AdaptiveBatchingPolicy:

@@ -56,31 +56,35 @@ class AdmissionControl:
         self.mean_output_tokens = 0.0  # of admitted requests (their max_tokens), a moving mean
         self.num_refused = 0
 
-    def check(self, prompt_tokens: int, num_running: int, waited_s: float = 0.0) -> Refusal | None:
-        """None to admit (then `admitted` and, at its first token, `started`), else why not."""
-        refusal = self._ttft_refusal(prompt_tokens, num_running, waited_s)
+    def check(
+        self, prompt_tokens: int, num_running: int, waited_s: float = 0.0, slack: float = 1.0
+    ) -> Refusal | None:
+        """None to admit (then `admitted` and, at its first token, `started`), else why not.
+        `slack` scales the TTFT SLO (the batching policy's `admission_slack`)."""
+        refusal = self._ttft_refusal(prompt_tokens, num_running, waited_s, slack)
         refusal = refusal or self._itl_refusal(num_running)
         if refusal is not None:
             self.num_refused += 1
         return refusal
 
-    def _ttft_refusal(self, prompt_tokens: int, num_running: int, waited_s: float):
+    def _ttft_refusal(self, prompt_tokens: int, num_running: int, waited_s: float, slack: float):
         if self.slo_ttft_s is None:
             return None
+        slo = self.slo_ttft_s * slack
         slot_wait = self._slot_wait(self.queued_requests + 1, num_running)
         if self.queued_tokens == 0 and slot_wait == 0.0:
             return None
         tokens = self.queued_tokens + prompt_tokens
         prefill = predicted_ttft(tokens, num_running, self.max_num_batched_tokens, self.step_time)
         ttft = waited_s + slot_wait + prefill
-        if ttft <= self.slo_ttft_s:
+        if ttft <= slo:
             return None
         ahead = self._slot_wait(self.queued_requests, num_running) + predicted_ttft(
             self.queued_tokens, num_running, self.max_num_batched_tokens, self.step_time
         )
         return Refusal(
-            f"predicted time to first token {ttft:.2f} s exceeds the SLO of {self.slo_ttft_s} s",
-            max(ahead - self.slo_ttft_s, 0.0) + 0.1,
+            f"predicted time to first token {ttft:.2f} s exceeds the SLO of {slo:.2f} s",
+            max(ahead - slo, 0.0) + 0.1,
         )
 
     def _itl_refusal(self, num_running: int):

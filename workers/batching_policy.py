@@ -14,14 +14,19 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from workers.request import Request
+
 
 @dataclass(slots=True)
 class QueueSnapshot:
     num_running: int  # requests holding KV (decoding or mid-prefill)
     num_waiting: int
     num_waiting_tokens: int  # tokens the waiting requests still have to prefill
-    arrival_rate: float  # requests per second, recent average
     num_free_blocks: int
+    now: float = 0.0  # the scheduler's clock, seconds
+    # Requests (and their prompt tokens) that ever arrived: a forecaster reads rates off them.
+    num_arrivals: int = 0
+    num_arrived_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -38,6 +43,19 @@ class BatchingPolicy(ABC):
     def observe(self, num_tokens: int, num_seqs: int, seconds: float) -> None:  # noqa: B027
         """Feedback: a step of `num_tokens` tokens over `num_seqs` sequences took `seconds`.
         Policies that learn nothing from it keep this default."""
+
+    def finished(self, request: Request) -> None:  # noqa: B027
+        """Feedback: a request ended (its output length is known now)."""
+
+    def waiting_key(self, request: Request) -> tuple:
+        """The waiting queue's order (smallest first), fixed when a request joins it; it must
+        end in the request's unique `arrival_order`. Default: priority, then first come."""
+        return request.sort_key()
+
+    def admission_slack(self) -> float:
+        """Admission (workers/admission.py) admits while the predicted time to first token is
+        within this many times the SLO."""
+        return 1.0
 
     def describe(self) -> dict[str, float]:
         """What the policy currently believes, for stats."""

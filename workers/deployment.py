@@ -124,7 +124,8 @@ class Worker:
             return
         running = self.engine.stats()["num_requests_running"]
         waited = max(0.0, time.time() - request.arrival_s)
-        refusal = self.admission.check(len(request.prompt_token_ids), running, waited)
+        slack = self.engine.engine.scheduler.policy.admission_slack()
+        refusal = self.admission.check(len(request.prompt_token_ids), running, waited, slack)
         if refusal is not None:
             raise WorkerOverloadedError(refusal.reason, refusal.retry_after_s)
 

@@ -18,12 +18,7 @@ from kvstore.kv_payload import BlockPayload
 from kvstore.messages import RequestDelta, TokenLogprobs
 from kvstore.sampling_params import SamplingParams
 from workers.attention.selector import make_attention_backend
-from workers.batching_policy import (
-    AdaptiveBatchingPolicy,
-    BatchingPolicy,
-    FixedBatchingPolicy,
-    StepTimeModel,
-)
+from workers.batching_policy import BatchingPolicy, StepTimeModel
 from workers.block_pool import BlockPool
 from workers.cuda_graphs import DecodeGraphs
 from workers.device import resolve_device, resolve_dtype
@@ -38,12 +33,14 @@ from workers.model.paged_cache import allocate_kv_cache, num_blocks_for_budget
 from workers.model.tokenizer import Tokenizer
 from workers.model_runner import ModelInputs, ModelRunner
 from workers.output_processor import RequestOutputState, make_delta
+from workers.policy_factory import make_batching_policy
 from workers.request import Request, RequestStatus
 from workers.sampler import Sampler, make_generator
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from workers.spec_decode.config import SpeculativeConfig
 from workers.spec_decode.decoder import SpecDecoder
 from workers.spec_decode.draft import DraftModelProposer
+from workers.step_cost import StepFeatures, step_features
 from workers.structured_output import StructuredOutputs, advance
 
 __all__ = ["Engine", "EngineConfig"]
@@ -116,6 +113,8 @@ class Engine:
         self._states: dict[str, RequestOutputState] = {}
         self._ids = itertools.count()
         self.counters = {"steps": 0, "scheduled_tokens": 0, "generation_tokens": 0}
+        # What the last step computed and how long it took (seconds): for calibration.
+        self.last_step: tuple[StepFeatures, float] | None = None
 
     def _kv_budget(self) -> int:
         """Bytes for the KV pool: as configured; on CUDA what a profiling forward pass at the
@@ -148,13 +147,13 @@ class Engine:
 
     def _batching_policy(self) -> BatchingPolicy:
         config = self.config
-        if config.batching == "fixed":
-            return FixedBatchingPolicy(config.max_num_batched_tokens, config.max_num_seqs)
-        return AdaptiveBatchingPolicy(
+        return make_batching_policy(
+            config.batching,
             config.max_num_batched_tokens,
             config.max_num_seqs,
             self.step_time,
             config.latency_weight,
+            config.learned_policy,
         )
 
     def _make_spec_decoder(self, num_blocks: int) -> SpecDecoder:
@@ -324,6 +323,7 @@ class Engine:
     ) -> list[RequestDelta]:
         """Hand the tokens to the scheduler, then turn them into deltas (finishing requests
         whose text reached a stop string) and feed the step time to the models that fit it."""
+        features = step_features(out)  # before the scheduler applies the step
         finished = self.scheduler.update_from_output(out, sampled)
         if self.spec is not None:
             self.spec.update(out)
@@ -341,13 +341,19 @@ class Engine:
                     finished.append(request)
                 deltas.append(delta)
         self._release(finished)
-        seconds = time.perf_counter() - started
+        self._record_step(out, features, time.perf_counter() - started, deltas)
+        return deltas
+
+    def _record_step(
+        self, out: SchedulerOutput, features: StepFeatures, seconds: float, deltas: list
+    ) -> None:
+        """Feed the step's time to the models that fit it, and count it."""
         self.step_time.observe(out.total_tokens, seconds)
         self.scheduler.policy.observe(out.total_tokens, len(out.requests), seconds)
+        self.last_step = (features, seconds)
         self.counters["steps"] += 1
         self.counters["scheduled_tokens"] += out.total_tokens
         self.counters["generation_tokens"] += sum(len(d.new_token_ids) for d in deltas)
-        return deltas
 
     def _release(self, requests: list[Request], finished: bool = True) -> None:
         """Drop what is kept beside the scheduler for these requests: table rows, draft KV,

@@ -48,7 +48,12 @@ class EngineConfig:
     max_model_len: int | None = Field(None, ge=1, description="Context cap (default: model's).")
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    batching: Literal["adaptive", "fixed"] = "adaptive"
+    batching: Literal["adaptive", "fixed", "learned"] = "adaptive"
+    learned_policy: str | None = Field(
+        None,
+        description="batching=learned: the parameters file (`manta train-scheduler` writes "
+        "one); default: the one shipped with Manta.",
+    )
     latency_weight: float = Field(
         1.0, ge=0, description="Adaptive batching: running requests' latency vs the queue's."
     )

@@ -16,7 +16,7 @@ import bisect
 import heapq
 import itertools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from workers.batching_policy import BatchingPolicy, FixedBatchingPolicy, QueueSnapshot
@@ -79,8 +79,10 @@ class Scheduler:
         config: SchedulerConfig,
         kv: KVCacheManager,
         policy: BatchingPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.clock = clock  # seconds; the simulator runs the scheduler on its virtual clock
         self.kv = kv
         self.policy = policy or FixedBatchingPolicy(
             config.max_num_batched_tokens, config.max_num_seqs
@@ -91,8 +93,7 @@ class Scheduler:
         self._num_waiting = 0
         self._waiting_tokens = 0
         self._arrivals = 0
-        self._last_arrival = time.monotonic()
-        self._arrival_rate = 0.0
+        self._arrived_tokens = 0
         self.num_preemptions = 0
         self.num_deferred = 0  # admissions put off a step to reuse a prefix computed in it
 
@@ -120,13 +121,9 @@ class Scheduler:
                 f"prompt + max_tokens ({request.max_total_tokens} tokens) exceeds the whole "
                 f"KV cache of this worker ({pool_tokens} tokens)"
             )
-        now = time.monotonic()
-        gap = now - self._last_arrival
-        self._last_arrival = now
-        if gap > 0:
-            self._arrival_rate = 0.8 * self._arrival_rate + 0.2 / max(gap, 1e-3)
         request.arrival_order = self._arrivals
         self._arrivals += 1
+        self._arrived_tokens += request.num_prompt_tokens
         self._requests[request.request_id] = request
         self._push_waiting(request)
 
@@ -147,6 +144,7 @@ class Scheduler:
         request.status = status
         self._requests.pop(request.request_id, None)
         self.kv.free(request.request_id)
+        self.policy.finished(request)
 
     @property
     def num_running(self) -> int:
@@ -171,8 +169,10 @@ class Scheduler:
                 num_running=len(self.running),
                 num_waiting=self._num_waiting,
                 num_waiting_tokens=self._waiting_tokens,
-                arrival_rate=self._arrival_rate,
                 num_free_blocks=self.kv.num_free_blocks,
+                now=self.clock(),
+                num_arrivals=self._arrivals,
+                num_arrived_tokens=self._arrived_tokens,
             )
         )
         out = SchedulerOutput()
@@ -331,7 +331,7 @@ class Scheduler:
 
     def _push_waiting(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
-        heapq.heappush(self._waiting, (request.sort_key(), request))
+        heapq.heappush(self._waiting, (self.policy.waiting_key(request), request))
         self._num_waiting += 1
         self._waiting_tokens += request.num_tokens - request.num_computed_tokens
 

@@ -1,0 +1,109 @@
+"""Fits the simulator's step-cost model to the steps this machine's engine measures.
+
+`manta bench calibrate [--model DIR] [--out benchmarks/results/step_cost.json]`
+
+Runs the real engine through steps of every shape the scheduler makes (prefill chunks of
+several sizes, decode batches of several sizes and context lengths, and both mixed), records
+what each step computed and how long it took, and fits
+t = a + b prefill + c decode + d context + e sequences (workers/step_cost.py) on every other
+step; the steps left out measure the fit's error. The JSON it writes is what
+`python -m benchmarks.scheduling --engine sim --step-cost FILE` and `manta train-scheduler`
+read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import checkpoint, machine, print_table
+from kvstore.sampling_params import SamplingParams
+from workers import Engine, EngineConfig
+from workers.step_cost import StepCostModel, StepFeatures
+
+# (requests added at once, prompt tokens each, tokens generated each)
+SHAPES = [
+    (1, 32, 16), (1, 512, 8), (1, 1500, 4), (4, 128, 32), (8, 256, 32), (16, 64, 48),
+    (32, 128, 48), (48, 32, 64), (64, 256, 24), (24, 700, 16),
+]  # fmt: skip
+
+
+def run_steps(engine: Engine, vocab_size: int, seed: int = 0) -> list[tuple[StepFeatures, float]]:
+    """Every step of every shape, plus each shape joined mid-decode by a second wave (prefill
+    chunks beside running decodes)."""
+    rng = np.random.default_rng(seed)
+    steps: list[tuple[StepFeatures, float]] = []
+
+    def add(count: int, prompt: int, output: int) -> None:
+        params = SamplingParams(max_tokens=output, temperature=0.0, ignore_eos=True)
+        for _ in range(count):
+            engine.add_request(rng.integers(0, vocab_size, prompt).tolist(), params)
+
+    def drain(joiner: tuple[int, int, int] | None = None) -> None:
+        step = 0
+        while engine.has_unfinished():
+            engine.step()
+            if engine.last_step is not None:
+                steps.append(engine.last_step)
+            step += 1
+            if joiner is not None and step == 6:
+                add(*joiner)
+
+    for count, prompt, output in SHAPES:
+        add(count, prompt, output)
+        drain()
+    for (count, prompt, output), joiner in zip(SHAPES, reversed(SHAPES)):
+        add(count, prompt, output)
+        drain(joiner)
+    return steps
+
+
+def calibrate(model: str, threads: int | None, seed: int = 0) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    engine = Engine(EngineConfig(model=model, kv_cache_bytes=256 * 2**20, seed=seed))
+    vocab = engine.model_config.vocab_size
+    run_steps(engine, vocab, seed)  # warm-up: first steps of each shape pay one-off costs
+    started = time.perf_counter()
+    steps = run_steps(engine, vocab, seed + 1)
+    fit_steps, held_out = steps[::2], steps[1::2]
+    cost = StepCostModel.fit([f for f, _ in fit_steps], [s for _, s in fit_steps])
+    error = cost.relative_error([f for f, _ in held_out], [s for _, s in held_out])
+    return {
+        "model": model,
+        "step_cost": cost,
+        "steps": len(steps),
+        "seconds": time.perf_counter() - started,
+        "held_out_relative_error": error,
+        "machine": machine(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="manta bench calibrate", description=__doc__)
+    parser.add_argument("--model", help="checkpoint directory (default: the small preset)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's setting)")
+    parser.add_argument("--out", default="benchmarks/results/step_cost.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    model = args.model or str(checkpoint("small"))
+    result = calibrate(model, args.threads, args.seed)
+    cost: StepCostModel = result.pop("step_cost")
+    rows = [[name, f"{getattr(cost, name):.3g}"] for name in cost.__dataclass_fields__]
+    load = result["machine"]["load_average_1m"]
+    print_table(
+        f"step cost on {result['steps']} steps of {model} (held-out error "
+        f"{result['held_out_relative_error']:.1%}, load {load:.2f})",
+        ["coefficient", "seconds per unit"],
+        rows,
+    )
+    cost.save(args.out, **result)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""What one engine step costs, from what it computes: the simulator's stand-in for a forward pass.
+
+    t = a + b * prefill tokens + c * decode tokens + d * attention pairs + e * sequences
+
+`a` is the step's fixed overhead (scheduling, launch, sampling), `b` and `c` the per-token cost
+of the dense layers (prefill and decode tokens batch differently on a GPU), `d` attention (per
+query-key pair: a token attends to every position before it, so a long prompt's prefill grows
+quadratically), `e` per-sequence bookkeeping. `manta bench calibrate` fits the five
+from steps the engine measures on a machine and writes them as JSON for the simulator.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from workers.scheduler import SchedulerOutput
+
+COEFFICIENTS = ("a", "b_prefill", "c_decode", "d_context", "e_seqs")
+
+
+@dataclass(frozen=True, slots=True)
+class StepFeatures:
+    prefill_tokens: int
+    decode_tokens: int  # tokens of requests past their prompt (one each, plus drafts)
+    context_tokens: int  # (query, KV position) pairs attention computes: its quadratic part
+    num_seqs: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_tokens + self.decode_tokens
+
+
+def step_features(out: SchedulerOutput) -> StepFeatures:
+    """The features of a scheduled step (read before its tokens are applied)."""
+    prefill = decode = context = 0
+    for request, n in zip(out.requests, out.num_scheduled_tokens):
+        start = request.num_computed_tokens
+        if start >= request.num_prompt_tokens:
+            decode += n
+        else:
+            prefill += n
+        context += n * start + n * (n + 1) // 2  # each new token attends to all before it
+    return StepFeatures(prefill, decode, context, len(out.requests))
+
+
+@dataclass(frozen=True, slots=True)
+class StepCostModel:
+    a: float = 5e-3
+    b_prefill: float = 1e-4
+    c_decode: float = 1e-4
+    d_context: float = 0.0
+    e_seqs: float = 0.0
+
+    def seconds(self, f: StepFeatures) -> float:
+        return (
+            self.a
+            + self.b_prefill * f.prefill_tokens
+            + self.c_decode * f.decode_tokens
+            + self.d_context * f.context_tokens
+            + self.e_seqs * f.num_seqs
+        )
+
+    @classmethod
+    def fit(cls, features: list[StepFeatures], seconds: list[float]) -> StepCostModel:
+        """Least squares on the relative error (each step weighted by 1/its time, so short decode
+        steps count as much as long prefills), every coefficient kept >= 0: a negative cost
+        is never physical, so a column whose coefficient comes out negative is dropped and the
+        rest refitted."""
+        if len(features) < len(COEFFICIENTS):
+            raise ValueError(f"fitting needs at least {len(COEFFICIENTS)} steps")
+        x = np.array(
+            [
+                [1.0, f.prefill_tokens, f.decode_tokens, f.context_tokens, f.num_seqs]
+                for f in features
+            ]
+        )
+        y = np.asarray(seconds, dtype=float)
+        if (y <= 0).any():
+            raise ValueError("step times must be > 0")
+        x, y = x / y[:, None], np.ones_like(y)
+        active = list(range(len(COEFFICIENTS)))
+        while True:
+            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            if (coef >= 0).all() or len(active) == 1:
+                break
+            active.pop(int(np.argmin(coef)))
+        values = dict.fromkeys(COEFFICIENTS, 0.0)
+        for index, value in zip(active, coef):
+            values[COEFFICIENTS[index]] = max(0.0, float(value))
+        return cls(**values)
+
+    def relative_error(self, features: list[StepFeatures], seconds: list[float]) -> float:
+        """Mean |predicted - measured| / measured over these steps."""
+        errors = [abs(self.seconds(f) - s) / s for f, s in zip(features, seconds) if s > 0]
+        return float(np.mean(errors)) if errors else 0.0
+
+    def save(self, path: str | Path, **about: object) -> None:
+        Path(path).write_text(json.dumps({"step_cost": asdict(self), **about}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepCostModel:
+        record = json.loads(Path(path).read_text())
+        values = record.get("step_cost") if isinstance(record, dict) else None
+        if not isinstance(values, dict) or set(values) != set(COEFFICIENTS):
+            raise ValueError(f"{path}: expected {{'step_cost': {{{', '.join(COEFFICIENTS)}}}}}")
+        if not all(isinstance(v, int | float) and v >= 0 for v in values.values()):
+            raise ValueError(f"{path}: step-cost coefficients must be numbers >= 0")
+        return cls(**{k: float(v) for k, v in values.items()})
