@@ -20,6 +20,8 @@ import numpy as np
 from workers.scheduler import SchedulerOutput
 
 COEFFICIENTS = ("a", "b_prefill", "c_decode", "d_context", "e_seqs")
+# The small preset's steps on a 2-core AVX2 CPU: what the simulator assumes unless told.
+DEFAULT_STEP_COST_PATH = Path(__file__).with_name("step_cost.json")
 
 
 @dataclass(frozen=True, slots=True)

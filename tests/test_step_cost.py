@@ -1,0 +1,84 @@
+"""The step-cost model: the features a step is priced by, the fit, its file, and the engine's
+own measured steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from kvstore.sampling_params import SamplingParams
+from workers import Engine, EngineConfig
+from workers.block_pool import BlockPool
+from workers.kv_cache import KVCacheManager
+from workers.request import Request
+from workers.scheduler import Scheduler, SchedulerConfig
+from workers.step_cost import DEFAULT_STEP_COST_PATH, StepCostModel, StepFeatures, step_features
+
+
+def test_features_count_prefill_decode_and_attention_pairs():
+    kv = KVCacheManager(BlockPool(64), 4)
+    sched = Scheduler(SchedulerConfig(8, 64, 256), kv)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    sched.add_request(Request("a", list(range(10)), params, 0.0, block_size=4))
+    out = sched.schedule()
+    f = step_features(out)
+    assert (f.prefill_tokens, f.decode_tokens, f.num_seqs) == (10, 0, 1)
+    assert f.context_tokens == 10 * 11 // 2  # token i attends to positions 0..i
+    sched.update_from_output(out, [[5]])
+    sched.add_request(Request("b", list(range(100, 106)), params, 0.0, block_size=4))
+    out = sched.schedule()  # a decodes its 11th token beside b's prompt
+    f = step_features(out)
+    assert (f.prefill_tokens, f.decode_tokens, f.num_seqs) == (6, 1, 2)
+    assert f.context_tokens == 11 + 6 * 7 // 2
+
+
+def test_fit_recovers_the_coefficients_and_never_goes_negative():
+    rng = np.random.default_rng(0)
+    truth = StepCostModel(a=3e-3, b_prefill=5e-5, c_decode=1e-4, d_context=2e-7, e_seqs=1e-4)
+    features = [
+        StepFeatures(int(p), int(d), int(c), int(s))
+        for p, d, c, s in rng.integers([0, 0, 0, 1], [2000, 64, 500_000, 64], size=(200, 4))
+    ]
+    seconds = [truth.seconds(f) for f in features]
+    fitted = StepCostModel.fit(features, seconds)
+    for name in ("a", "b_prefill", "c_decode", "d_context", "e_seqs"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+    assert fitted.relative_error(features, seconds) < 1e-9
+    # Times that fall with the decode count: a negative slope is dropped, not kept.
+    falling = [max(1e-4, truth.seconds(f) - 5e-5 * f.decode_tokens) for f in features]
+    refitted = StepCostModel.fit(features, falling)
+    assert min(refitted.a, refitted.b_prefill, refitted.c_decode, refitted.d_context) >= 0.0
+    assert refitted.e_seqs >= 0.0 and refitted.c_decode < truth.c_decode
+
+
+def test_file_round_trips_and_bad_files_are_named(tmp_path):
+    model = StepCostModel(a=1e-3, b_prefill=2e-5, c_decode=3e-5, d_context=0.0, e_seqs=1e-6)
+    path = tmp_path / "cost.json"
+    model.save(path, model_dir="somewhere")
+    assert StepCostModel.load(path) == model
+    assert isinstance(StepCostModel.load(DEFAULT_STEP_COST_PATH), StepCostModel)
+    path.write_text(json.dumps({"step_cost": {"a": 1.0}}))
+    with pytest.raises(ValueError, match="cost.json"):
+        StepCostModel.load(path)
+    negative = {"a": -1.0, "b_prefill": 0, "c_decode": 0, "d_context": 0, "e_seqs": 0}
+    path.write_text(json.dumps({"step_cost": negative}))
+    with pytest.raises(ValueError, match=">= 0"):
+        StepCostModel.load(path)
+    with pytest.raises(ValueError, match="at least"):
+        StepCostModel.fit([StepFeatures(1, 0, 1, 1)], [0.1])
+
+
+def test_engine_reports_each_steps_features_and_time(tiny_model):
+    engine = Engine(
+        EngineConfig(model=tiny_model, num_blocks=64, max_num_batched_tokens=8, max_num_seqs=8)
+    )
+    engine.add_request(list(range(1, 13)), SamplingParams(max_tokens=3, ignore_eos=True))
+    seen = []
+    while engine.has_unfinished():
+        engine.step()
+        features, seconds = engine.last_step
+        assert seconds > 0
+        seen.append((features.prefill_tokens, features.decode_tokens))
+    assert seen == [(8, 0), (4, 0), (0, 1), (0, 1)]  # a chunked prompt, then two decodes
