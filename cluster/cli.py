@@ -104,6 +104,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given["tool_call_parser"] = args.tool_call_parser
     if args.stream_interval_ms is not None:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
+    if args.record_trace:  # absolute: the ingress replica may run in another directory
+        given["record_trace"] = str(Path(args.record_trace).resolve())
     config = ClusterConfig(
         model=args.model or default_model(),
         served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
@@ -327,6 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-store-secret",
         help="key of the MAC on every shared KV payload (or MANTA_KV_STORE_SECRET); with "
         "--redis-url, workers share hot prompt KV only when it is set",
+    )
+    p.add_argument(
+        "--record-trace",
+        metavar="FILE",
+        help="append the served traffic to FILE as a JSONL trace: one line per request with "
+        "token counts and timings, never prompt or completion text",
     )
     add_device_flags(p)
     p.add_argument("--kv-cache-mb", type=int, help="KV pool per worker (default: 512 MiB on CPU)")

@@ -95,6 +95,12 @@ class ClusterConfig(BaseModel):
     )
     rate_limit_burst: int = Field(16, ge=1, description="Requests a tenant may send at once.")
     max_request_body_bytes: int = Field(4 * 2**20, ge=1024, description="Larger bodies get 413.")
+    record_trace: str | None = Field(
+        None,
+        description="Append the served traffic to this JSONL trace (kvstore/trace.py): one "
+        "line per engine request with token counts and timings, never text; a path on the "
+        "ingress replica's machine (relative: to its working directory). None: no recording.",
+    )
     special_tokens_in_content: bool = Field(
         False,
         description="Read special tokens typed in chat messages as control tokens (by default "
@@ -161,6 +167,7 @@ class ClusterConfig(BaseModel):
             "rate_limit_burst": self.rate_limit_burst,
             "max_request_body_bytes": self.max_request_body_bytes,
             "slo_ttft_s": self.slo_ttft_s,
+            "record_trace": self.record_trace,
         }
 
     @property

@@ -45,6 +45,7 @@ from router.protocol import (
     error_body,
     validation_error_body,
 )
+from router.recorder import TrafficRecorder
 from router.responses import ChatFormatter, CompletionFormatter
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class ServerState:
     # Why the server cannot serve now (no live worker), or None: /health and /ready ask it.
     liveness: Callable[[], Awaitable[str | None]] | None = None
     gate: FirstTokenGate = field(default_factory=lambda: FirstTokenGate(None))
+    recorder: TrafficRecorder | None = None  # `--record-trace`: the traffic, as a trace
 
 
 class HTTPError(Exception):
@@ -304,9 +306,15 @@ async def _first_delta(gate: FirstTokenGate, merged, num_requests: int):
 
 
 async def _prepare(
-    request: Request, body, prompts: list[list[int]], tenant: str | None, sampling: dict
+    request: Request,
+    body,
+    prompts: list[list[int]],
+    tenant: str | None,
+    sampling: dict,
+    arrived: float,
 ):
-    """One GenerateRequest per choice (prompt x n), each with its own seed when seeded."""
+    """One GenerateRequest per choice (prompt x n), each with its own seed when seeded, and
+    its stream (recorded when the server records its traffic)."""
     state: ServerState = request.app.state.manta
     if state.liveness is not None and (reason := await state.liveness()) is not None:
         raise WorkerUnavailableError(reason)  # 503 now, rather than queue for a worker
@@ -320,12 +328,17 @@ async def _prepare(
             subs.append(await state.frontend.build_request(ids, child, body.priority, tenant))
     start = time.perf_counter()
     streams = [_timed(state.frontend.stream(sub), state.metrics, start) for sub in subs]
+    if state.recorder is not None:
+        streams = [state.recorder.track(s, sub, arrived, tenant) for s, sub in zip(streams, subs)]
     return subs, streams
 
 
-async def _respond(request: Request, body, formatter, prompts, tenant, sampling: dict) -> Response:
+async def _respond(
+    request: Request, body, formatter, prompts, tenant, sampling: dict, arrived: float
+) -> Response:
+    """`arrived`: when the request reached the router, on the monotonic clock."""
     state: ServerState = request.app.state.manta
-    subs, streams = await _prepare(request, body, prompts, tenant, sampling)
+    subs, streams = await _prepare(request, body, prompts, tenant, sampling, arrived)
     metrics = state.metrics
     merged = _merged(streams)
     first = await _first_delta(state.gate, merged, len(subs))
@@ -379,6 +392,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrived = time.monotonic()
         try:
             tenant = _guard(request)
             state.gate.check()  # shed before even reading the body
@@ -388,12 +402,13 @@ def create_app(state: ServerState) -> FastAPI:
             prompts = await asyncio.to_thread(lambda: [frontend.encode(p) for p in body.prompts()])
             sampling = body.to_sampling_kwargs()
             formatter = CompletionFormatter(body, frontend, prompts, sampling)
-            return await _respond(request, body, formatter, prompts, tenant, sampling)
+            return await _respond(request, body, formatter, prompts, tenant, sampling, arrived)
         except Exception as error:
             return _error_response(request, _as_http_error(error))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        arrived = time.monotonic()
         try:
             tenant = _guard(request)
             state.gate.check()
@@ -408,7 +423,7 @@ def create_app(state: ServerState) -> FastAPI:
             formatter = ChatFormatter(body, frontend, [prompt], sampling)
             if formatter.tool_format == "mistral":  # its marker is a special token
                 sampling["skip_special_tokens"] = False
-            return await _respond(request, body, formatter, [prompt], tenant, sampling)
+            return await _respond(request, body, formatter, [prompt], tenant, sampling, arrived)
         except Exception as error:
             return _error_response(request, _as_http_error(error))
 

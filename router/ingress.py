@@ -27,6 +27,7 @@ from router.api import RequestLimits, ServerState, create_app
 from router.auth import Authenticator, RateLimiter, parse_api_keys
 from router.first_token_gate import FirstTokenGate
 from router.frontend import Frontend
+from router.recorder import TrafficRecorder
 
 
 def is_worker_failure(error: BaseException) -> bool:
@@ -104,7 +105,8 @@ class WorkerLiveness:
 def serve_app(frontend: Frontend, http: dict[str, Any], liveness=None):
     """The FastAPI app of an ingress replica over its frontend. `http`: retry_after_s,
     api_keys (`KEY[:TENANT]` specs), rate_limit_rps, rate_limit_burst, max_request_body_bytes,
-    slo_ttft_s (ClusterConfig.http_settings())."""
+    slo_ttft_s, record_trace (ClusterConfig.http_settings())."""
+    path = http.get("record_trace")
     state = ServerState(
         frontend,
         retry_after_s=http.get("retry_after_s", 1),
@@ -113,6 +115,7 @@ def serve_app(frontend: Frontend, http: dict[str, Any], liveness=None):
         limits=RequestLimits(max_body_bytes=http.get("max_request_body_bytes", 4 * 2**20)),
         liveness=liveness,
         gate=FirstTokenGate(http.get("slo_ttft_s")),
+        recorder=TrafficRecorder(path, frontend.block_size) if path else None,
     )
     return create_app(state)
 
