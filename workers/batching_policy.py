@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from workers.request import Request
+from workers.step_cost import StepFeatures
 
 
 @dataclass(slots=True)
@@ -23,6 +24,7 @@ class QueueSnapshot:
     num_waiting: int
     num_waiting_tokens: int  # tokens the waiting requests still have to prefill
     num_free_blocks: int
+    num_running_tokens: int = 0  # tokens the running requests hold (their attention's reach)
     now: float = 0.0  # the scheduler's clock, seconds
     # Requests (and their prompt tokens) that ever arrived: a forecaster reads rates off them.
     num_arrivals: int = 0
@@ -40,9 +42,9 @@ class BatchingPolicy(ABC):
     def limits(self, queue: QueueSnapshot) -> BatchLimits:
         """Limits for the next step."""
 
-    def observe(self, num_tokens: int, num_seqs: int, seconds: float) -> None:  # noqa: B027
-        """Feedback: a step of `num_tokens` tokens over `num_seqs` sequences took `seconds`.
-        Policies that learn nothing from it keep this default."""
+    def observe(self, step: StepFeatures, seconds: float) -> None:  # noqa: B027
+        """Feedback: a step that computed `step` took `seconds`. Policies that learn nothing
+        from it keep this default."""
 
     def finished(self, request: Request) -> None:  # noqa: B027
         """Feedback: a request ended (its output length is known now)."""
@@ -51,6 +53,9 @@ class BatchingPolicy(ABC):
         """The waiting queue's order (smallest first), fixed when a request joins it; it must
         end in the request's unique `arrival_order`. Default: priority, then first come."""
         return request.sort_key()
+
+    def set_targets(self, slo_ttft_s: float | None, slo_itl_s: float | None) -> None:  # noqa: B027
+        """The SLOs the worker serves to; policies that do not plan by them ignore this."""
 
     def admission_slack(self) -> float:
         """Admission (workers/admission.py) admits while the predicted time to first token is

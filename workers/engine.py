@@ -349,7 +349,7 @@ class Engine:
     ) -> None:
         """Feed the step's time to the models that fit it, and count it."""
         self.step_time.observe(out.total_tokens, seconds)
-        self.scheduler.policy.observe(out.total_tokens, len(out.requests), seconds)
+        self.scheduler.policy.observe(features, seconds)
         self.last_step = (features, seconds)
         self.counters["steps"] += 1
         self.counters["scheduled_tokens"] += out.total_tokens

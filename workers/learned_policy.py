@@ -39,6 +39,7 @@ from workers.batching_policy import (
     StepTimeModel,
 )
 from workers.request import Request
+from workers.step_cost import OnlineStepCost, StepCostModel, StepFeatures
 
 DEFAULT_PARAMS_PATH = Path(__file__).with_name("learned_policy.json")
 
@@ -54,6 +55,10 @@ class LearnedParams:
     max_delay_s: float = 1.0  # the most a request can be passed over: no starvation
     admit_slack: float = 1.0  # admit while predicted TTFT <= slack x SLO
     surge_admit: float = 0.0  # how much a building surge tightens admission
+    # While requests decode, no step longer than this many times the inter-token SLO, and no
+    # more sequences than decode within seq_slo_factor times it (0: off).
+    step_slo_factor: float = 0.0
+    seq_slo_factor: float = 0.0
     max_step_error: float = 0.5  # fall back when step times are off by more than this
     max_length_error: float = 2.0  # ... or output lengths (relative error, moving means)
 
@@ -159,50 +164,87 @@ class LearnedBatchingPolicy(BatchingPolicy):
     ) -> None:
         self.params = params or LearnedParams.load()
         self.max_tokens, self.max_seqs = max_num_batched_tokens, max_num_seqs
-        self.model = step_time
         self.fallback = AdaptiveBatchingPolicy(
             max_num_batched_tokens, max_num_seqs, step_time, self.params.latency_weight
         )
+        # Its own fit of what a step costs, from every step's features (workers/step_cost.py).
+        prior = StepCostModel(step_time.overhead, step_time.per_token, step_time.per_token)
+        self.cost = OnlineStepCost(prior)
         self.forecast = RateForecaster(self.params.short_tau_s, self.params.long_tau_s)
         self.lengths = OutputLengthPredictor()
-        self.step_error = 0.0  # moving mean of the step-time model's relative error
+        self.step_error = 0.0  # moving mean of the step-cost model's relative error
         self.falling_back = False
-        self.last_budget = max_num_batched_tokens
+        self.last_budget, self.last_seqs = max_num_batched_tokens, max_num_seqs
+        self.slo_itl_s: float | None = None
+
+    def set_targets(self, slo_ttft_s: float | None, slo_itl_s: float | None) -> None:
+        self.slo_itl_s = slo_itl_s
 
     def limits(self, queue: QueueSnapshot) -> BatchLimits:
-        p = self.params
         self.forecast.update(queue.now, queue.num_arrivals, queue.num_arrived_tokens)
         if self.falling_back:
             limits = self.fallback.limits(queue)
-            self.last_budget = limits.max_num_batched_tokens
-            return limits
-        budget = self.max_tokens
+        else:
+            limits = BatchLimits(self._budget(queue), self._seq_cap(queue))
+        self.last_budget, self.last_seqs = limits.max_num_batched_tokens, limits.max_num_seqs
+        return limits
+
+    def _budget(self, queue: QueueSnapshot) -> int:
+        """The adaptive optimum over the waiting and the forecast work, then no larger than
+        keeps a step beside the running decodes within step_slo_factor x the ITL SLO."""
+        p, m = self.params, self.cost.model
         decoding = queue.num_running
         extra_requests, extra_tokens = self.forecast.excess(p.horizon_s)
         waiting = queue.num_waiting + p.surge_gain * extra_requests
         waiting_tokens = queue.num_waiting_tokens + p.surge_gain * extra_tokens
-        if decoding and waiting >= 1:
-            a, b = self.model.overhead, self.model.per_token
-            backlog = waiting * waiting_tokens * (a + b * decoding)
-            chunk = math.sqrt(backlog / (max(p.latency_weight, 1e-6) * decoding * b))
-            budget = min(self.max_tokens, decoding + max(32, int(chunk)))
-        self.last_budget = budget
-        return BatchLimits(budget, self.max_seqs)
+        budget = self.max_tokens
+        if not decoding:
+            return budget
+        per_token = max(m.b_prefill, 1e-9)
+        if waiting >= 1:
+            backlog = waiting * waiting_tokens * (m.a + per_token * decoding)
+            chunk = math.sqrt(backlog / (max(p.latency_weight, 1e-6) * decoding * per_token))
+            budget = min(budget, decoding + max(32, int(chunk)))
+        if self.slo_itl_s and p.step_slo_factor:
+            decode_only = StepFeatures(0, decoding, queue.num_running_tokens, decoding)
+            room = p.step_slo_factor * self.slo_itl_s - m.seconds(decode_only)
+            # b c + d c^2 / 2 <= room: a new prompt's chunk of c tokens, attention included
+            d = m.d_context
+            chunk = (
+                room / per_token
+                if d == 0
+                else (math.sqrt(per_token**2 + 2 * d * room) - per_token) / d
+            )
+            budget = min(budget, decoding + max(16, int(chunk) if room > 0 else 0))
+        return budget
+
+    def _seq_cap(self, queue: QueueSnapshot) -> int:
+        """The most sequences whose decode step stays within seq_slo_factor x the ITL SLO."""
+        p, m = self.params, self.cost.model
+        if not (self.slo_itl_s and p.seq_slo_factor):
+            return self.max_seqs
+        context = queue.num_running_tokens / queue.num_running if queue.num_running else 0.0
+        per_seq = m.c_decode + m.e_seqs + m.d_context * context
+        if per_seq <= 0:
+            return self.max_seqs
+        seqs = (p.seq_slo_factor * self.slo_itl_s - m.a) / per_seq
+        return max(1, min(self.max_seqs, int(seqs)))
 
     def waiting_key(self, request: Request) -> tuple:
         if self.falling_back:
             return request.sort_key()
-        p = self.params
+        p, m = self.params, self.cost.model
         output = self.lengths.predict(request.num_prompt_tokens, request.params.max_tokens)
         remaining = request.num_tokens - request.num_computed_tokens
-        work_s = self.model.per_token * remaining + self.model.overhead * output
+        work_s = m.b_prefill * remaining + (m.a + m.c_decode + m.e_seqs) * output
         delay = min(p.max_delay_s, p.length_weight * work_s)
         return (request.priority, request.arrival_time + delay, request.arrival_order)
 
-    def observe(self, num_tokens: int, num_seqs: int, seconds: float) -> None:
+    def observe(self, step: StepFeatures, seconds: float) -> None:
         if seconds > 0:
-            error = abs(self.model.seconds(num_tokens) - seconds) / seconds
+            error = abs(self.cost.model.seconds(step) - seconds) / seconds
             self.step_error += 0.05 * (error - self.step_error)
+        self.cost.observe(step, seconds)
         self._check_predictions()
 
     def finished(self, request: Request) -> None:
@@ -229,10 +271,12 @@ class LearnedBatchingPolicy(BatchingPolicy):
         return p.admit_slack / (1.0 + p.surge_admit * max(0.0, self.forecast.surge - 1.0))
 
     def describe(self) -> dict[str, float]:
+        m = self.cost.model
         return {
             "token_budget": self.last_budget,
-            "step_overhead_s": self.model.overhead,
-            "step_seconds_per_token": self.model.per_token,
+            "sequence_cap": self.last_seqs,
+            "step_overhead_s": m.a,
+            "step_seconds_per_token": m.b_prefill,
             "surge": self.forecast.surge,
             "step_error": self.step_error,
             "output_length_error": self.lengths.relative_error,

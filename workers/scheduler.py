@@ -170,6 +170,7 @@ class Scheduler:
                 num_waiting=self._num_waiting,
                 num_waiting_tokens=self._waiting_tokens,
                 num_free_blocks=self.kv.num_free_blocks,
+                num_running_tokens=sum(r.num_tokens for r in self.running),
                 now=self.clock(),
                 num_arrivals=self._arrivals,
                 num_arrived_tokens=self._arrived_tokens,

@@ -101,7 +101,7 @@ class SimulatedEngine:
         self.busy_s += seconds
         self.last_step = (features, seconds)
         self.step_time.observe(out.total_tokens, seconds)
-        self.scheduler.policy.observe(out.total_tokens, len(out.requests), seconds)
+        self.scheduler.policy.observe(features, seconds)
         return [
             RequestDelta(
                 request.request_id,
@@ -157,6 +157,7 @@ def simulate(
         s.max_num_batched_tokens,
         s.max_model_len,
     )
+    engine.scheduler.policy.set_targets(s.slo_ttft_s, s.slo_itl_s)
     admission = admission_for(kind, s, engine.step_time)
     return replay(trace, engine, VirtualClock(engine), s.vocab_size, admission, seed=seed)
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from workers.scheduler import SchedulerOutput
+if TYPE_CHECKING:  # the scheduler's policies read StepFeatures: no import cycle
+    from workers.scheduler import SchedulerOutput
 
 COEFFICIENTS = ("a", "b_prefill", "c_decode", "d_context", "e_seqs")
 # The small preset's steps on a 2-core AVX2 CPU: what the simulator assumes unless told.
@@ -34,6 +36,9 @@ class StepFeatures:
     @property
     def num_tokens(self) -> int:
         return self.prefill_tokens + self.decode_tokens
+
+    def row(self) -> list[float]:
+        return [1.0, self.prefill_tokens, self.decode_tokens, self.context_tokens, self.num_seqs]
 
 
 def step_features(out: SchedulerOutput) -> StepFeatures:
@@ -74,19 +79,20 @@ class StepCostModel:
         rest refitted."""
         if len(features) < len(COEFFICIENTS):
             raise ValueError(f"fitting needs at least {len(COEFFICIENTS)} steps")
-        x = np.array(
-            [
-                [1.0, f.prefill_tokens, f.decode_tokens, f.context_tokens, f.num_seqs]
-                for f in features
-            ]
-        )
+        x = np.array([f.row() for f in features])
         y = np.asarray(seconds, dtype=float)
         if (y <= 0).any():
             raise ValueError("step times must be > 0")
-        x, y = x / y[:, None], np.ones_like(y)
+        x = x / y[:, None]
+        return cls.from_normal_equations(x.T @ x, x.sum(axis=0))
+
+    @classmethod
+    def from_normal_equations(cls, xtx: np.ndarray, xty: np.ndarray) -> StepCostModel:
+        """The non-negative solution of xtx @ coef = xty (columns as in `StepFeatures.row`)."""
         active = list(range(len(COEFFICIENTS)))
         while True:
-            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+            sub = np.ix_(active, active)
+            coef = np.linalg.lstsq(xtx[sub], xty[active], rcond=None)[0]
             if (coef >= 0).all() or len(active) == 1:
                 break
             active.pop(int(np.argmin(coef)))
@@ -112,3 +118,25 @@ class StepCostModel:
         if not all(isinstance(v, int | float) and v >= 0 for v in values.values()):
             raise ValueError(f"{path}: step-cost coefficients must be numbers >= 0")
         return cls(**{k: float(v) for k, v in values.items()})
+
+
+class OnlineStepCost:
+    """The same fit, kept up to date from every step a policy sees: exponentially forgotten
+    normal equations (of the relative error), solved again every `refit_every` steps."""
+
+    def __init__(self, prior: StepCostModel, decay: float = 0.995, refit_every: int = 32) -> None:
+        self.model = prior
+        self.decay, self.refit_every = decay, refit_every
+        self._xtx = np.zeros((len(COEFFICIENTS), len(COEFFICIENTS)))
+        self._xty = np.zeros(len(COEFFICIENTS))
+        self._count = 0
+
+    def observe(self, features: StepFeatures, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        x = np.array(features.row()) / seconds
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + x
+        self._count += 1
+        if self._count >= len(COEFFICIENTS) * 4 and self._count % self.refit_every == 0:
+            self.model = StepCostModel.from_normal_equations(self._xtx, self._xty)
