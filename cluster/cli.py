@@ -201,9 +201,16 @@ def engine_settings(args: argparse.Namespace) -> dict:
         "max_num_seqs": getattr(args, "max_num_seqs", None),
         "max_num_batched_tokens": getattr(args, "max_num_batched_tokens", None),
         "max_model_len": args.max_model_len,
+        "batching": getattr(args, "batching", None),
+        # absolute: a worker replica may run in another directory
+        "learned_policy": resolved(getattr(args, "learned_policy", None)),
         "speculative": speculative_settings(args) if hasattr(args, "speculative_method") else None,
     }
     return {key: value for key, value in values.items() if value is not None}
+
+
+def resolved(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
 
 
 def speculative_settings(args: argparse.Namespace) -> dict | None:
@@ -217,6 +224,38 @@ def speculative_settings(args: argparse.Namespace) -> dict | None:
     if args.speculative_model:
         settings["model"] = args.speculative_model
     return settings
+
+
+def cmd_train_scheduler(args: argparse.Namespace) -> int:
+    from kvstore.trace import read_trace
+    from workers.learned_policy import LearnedParams
+    from workers.policy_search import policy_cost, train
+    from workers.simulator import SimSettings
+    from workers.step_cost import DEFAULT_STEP_COST_PATH, StepCostModel
+
+    traces = [read_trace(path) for path in args.trace]
+    cost = StepCostModel.load(args.step_cost or DEFAULT_STEP_COST_PATH)
+    settings = SimSettings(slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
+    start = LearnedParams.load(args.start) if args.start else LearnedParams.load()
+    before = policy_cost(start, traces, cost, settings)
+    print(f"start: cost {before:.4f} over {sum(map(len, traces))} requests", flush=True)
+
+    def progress(r) -> None:
+        print(f"round {r.round}: best {r.best_cost:.4f}, population mean {r.mean_cost:.4f}")
+
+    best, best_cost = train(
+        traces, cost, settings, args.rounds, args.population, seed=args.seed, start=start,
+        progress=progress,
+    )  # fmt: skip
+    best.save(
+        args.out,
+        trained_on=[str(Path(path).name) for path in args.trace],
+        slo={"ttft_s": args.slo_ttft, "itl_s": args.slo_itl},
+        cost_before=before,
+        cost_after=best_cost,
+    )
+    print(f"wrote {args.out}: cost {before:.4f} -> {best_cost:.4f}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -341,15 +380,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, help="most tokens in one step (2048)")
     p.add_argument("--max-model-len", type=int)
+    p.add_argument(
+        "--batching",
+        choices=["adaptive", "fixed", "learned"],
+        help="how each step's token budget, sequence cap, queue order and admission are chosen "
+        "(default adaptive)",
+    )
+    p.add_argument(
+        "--learned-policy",
+        metavar="FILE",
+        help="--batching learned: parameters from manta train-scheduler (default: the shipped)",
+    )
     p.add_argument("--speculative-method", choices=["ngram", "draft"])
     p.add_argument("--speculative-model", help="draft checkpoint (with --speculative-method draft)")
     p.add_argument("--num-speculative-tokens", default="auto", help="k per step, or auto")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="run a benchmark: engine, routing, spec_decode or compare")
-    p.add_argument("which", choices=["engine", "routing", "spec_decode", "compare"])
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark: engine, routing, spec_decode, compare, scheduling, or calibrate "
+        "(fit the simulator's step cost to this machine)",
+    )
+    p.add_argument(
+        "which", choices=["engine", "routing", "spec_decode", "compare", "scheduling", "calibrate"]
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "train-scheduler",
+        help="train the learned batching policy in the simulator on traces (JSONL)",
+    )
+    p.add_argument("--trace", action="append", required=True, help="a trace file (repeatable)")
+    p.add_argument("--out", required=True, help="where to write the learned parameters")
+    p.add_argument(
+        "--step-cost",
+        help="the step cost to simulate (manta bench calibrate); default: the shipped one",
+    )
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="seconds to first token")
+    p.add_argument("--slo-itl", type=float, default=0.025, help="mean seconds per output token")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--population", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--start", help="parameters to start from (default: the shipped ones)")
+    p.set_defaults(func=cmd_train_scheduler)
     return parser
 
 

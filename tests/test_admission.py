@@ -69,9 +69,10 @@ def test_an_inter_token_slo_caps_the_decode_batch():
     assert control.num_refused == 2
 
 
-def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
+@pytest.mark.parametrize("batching", ["adaptive", "learned"])
+def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model, batching):
     async def main():
-        config = EngineConfig(model=tiny_model, num_blocks=256, max_num_seqs=8)
+        config = EngineConfig(model=tiny_model, num_blocks=256, max_num_seqs=8, batching=batching)
         worker = Worker(config, "w", InMemoryPrefixIndex(), WorkerReports(), "ns", slo_ttft_s=0.05)
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -91,7 +92,7 @@ def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
                 if stats["num_free_blocks"] == stats["num_blocks"]:
                     break
                 await asyncio.sleep(0.02)
-            return results, worker.admission.queued_tokens, stats
+            return results, worker.admission.queued_tokens, worker.stats()
         finally:
             await worker.close()
 
@@ -103,3 +104,4 @@ def test_a_flooded_worker_sheds_with_retry_after_and_drains(tiny_model):
     assert all(sum(len(d.new_token_ids) for d in deltas) == 4 for deltas in served)
     assert queued == 0
     assert stats["num_free_blocks"] == stats["num_blocks"]
+    assert stats["num_requests_shed"] == len(refused)  # what /metrics reports as shed

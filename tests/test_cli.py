@@ -40,3 +40,31 @@ def test_errors_are_one_clear_line(tmp_path):
     assert out.stderr.startswith("manta: error: no config.json in model directory")
     bad = manta("make-model", str(tmp_path / "m"), "--preset", "huge")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_train_the_scheduler_on_a_trace_then_load_what_it_wrote(tmp_path):
+    from kvstore.trace import TraceRequest, write_trace
+    from workers.learned_policy import LearnedParams
+
+    trace = [TraceRequest(0.01 * i, 40 + (i * 53) % 300, 4 + (i * 11) % 30) for i in range(300)]
+    write_trace(tmp_path / "t.jsonl", trace)
+    out = manta("train-scheduler", "--trace", str(tmp_path / "t.jsonl"), "--out",
+                str(tmp_path / "p.json"), "--rounds", "1", "--population", "4")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "round 1" in out.stdout and "wrote" in out.stdout
+    assert isinstance(LearnedParams.load(tmp_path / "p.json"), LearnedParams)
+    bad = manta("train-scheduler", "--trace", str(tmp_path / "missing.jsonl"), "--out", "x")
+    assert bad.returncode == 2 and "missing.jsonl" in bad.stderr
+
+
+def test_serve_takes_the_batching_policy_into_the_engine_settings(tmp_path):
+    from cluster.cli import build_parser, engine_settings
+
+    (tmp_path / "p.json").write_text("{}")
+    args = build_parser().parse_args(
+        ["serve", "--batching", "learned", "--learned-policy", str(tmp_path / "p.json")]
+    )
+    settings = engine_settings(args)
+    assert settings["batching"] == "learned"
+    assert settings["learned_policy"] == str((tmp_path / "p.json").resolve())
+    assert "batching" not in engine_settings(build_parser().parse_args(["serve"]))

@@ -56,6 +56,8 @@ class Worker:
         slo_itl_s: float | None = None,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
+        # Policies that plan by the SLOs (batching="learned") learn them here.
+        self.engine.engine.scheduler.policy.set_targets(slo_ttft_s, slo_itl_s)
         self.admission = AdmissionControl(
             slo_ttft_s,
             engine_config.max_num_batched_tokens,
