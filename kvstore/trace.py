@@ -38,7 +38,8 @@ class TraceRequest:
     priority: int = 0  # lower runs first, as in the engine
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.arrival_s, int | float) and math.isfinite(self.arrival_s)):
+        number = isinstance(self.arrival_s, int | float) and not isinstance(self.arrival_s, bool)
+        if not (number and math.isfinite(self.arrival_s)):
             raise ValueError(f"arrival_s must be a finite number, got {self.arrival_s!r}")
         if self.arrival_s < 0:
             raise ValueError(f"arrival_s must be >= 0, got {self.arrival_s}")
