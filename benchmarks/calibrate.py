@@ -3,8 +3,9 @@
 `manta bench calibrate [--model DIR] [--out benchmarks/results/step_cost.json]`
 
 Runs the real engine through steps of every shape the scheduler makes (prefill chunks of
-several sizes, decode batches of several sizes and context lengths, and both mixed), records
-what each step computed and how long it took, and fits
+several sizes, decode batches of several sizes and context lengths, and both mixed), then
+through short replays of generated traffic under each batching policy (the mix of steps that
+serving makes), records what each step computed and how long it took, and fits
 t = a + b prefill + c decode + d context + e sequences (workers/step_cost.py) on every other
 step; the steps left out measure the fit's error. The JSON it writes is what
 `python -m benchmarks.scheduling --engine sim --step-cost FILE` and `manta train-scheduler`
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import checkpoint, machine, print_table
+from benchmarks.traces import generate
 from kvstore.sampling_params import SamplingParams
 from workers import Engine, EngineConfig
+from workers.replay import WallClock, replay
 from workers.step_cost import StepCostModel, StepFeatures
 
 # (requests added at once, prompt tokens each, tokens generated each)
@@ -45,9 +48,10 @@ def run_steps(engine: Engine, vocab_size: int, seed: int = 0) -> list[tuple[Step
     def drain(joiner: tuple[int, int, int] | None = None) -> None:
         step = 0
         while engine.has_unfinished():
+            started = time.perf_counter()
             engine.step()
             if engine.last_step is not None:
-                steps.append(engine.last_step)
+                steps.append((engine.last_step[0], time.perf_counter() - started))
             step += 1
             if joiner is not None and step == 6:
                 add(*joiner)
@@ -61,23 +65,42 @@ def run_steps(engine: Engine, vocab_size: int, seed: int = 0) -> list[tuple[Step
     return steps
 
 
-def calibrate(model: str, threads: int | None, seed: int = 0) -> dict:
+# (trace family, batching policy): a few seconds of serving-like steps each.
+REPLAYS = [("poisson", "fixed"), ("shared_prefix", "adaptive"), ("bursty", "learned")]
+LENGTHS = dict(prompt_tokens=192, output_tokens=48, max_prompt_tokens=1024, max_output_tokens=192)
+
+
+def replay_steps(model: str, duration_s: float, seed: int) -> list[tuple[StepFeatures, float]]:
+    steps: list[tuple[StepFeatures, float]] = []
+    for family, policy in REPLAYS:
+        engine = Engine(EngineConfig(model=model, kv_cache_bytes=256 * 2**20, batching=policy))
+        engine.scheduler.policy.set_targets(1.0, 0.025)
+        trace = generate(family, duration_s, 16.0, seed, **LENGTHS)
+        steps += replay(trace, engine, WallClock(), engine.model_config.vocab_size).steps
+    return steps
+
+
+def calibrate(model: str, threads: int | None, seed: int = 0, replay_s: float = 12.0) -> dict:
     if threads:
         torch.set_num_threads(threads)
     engine = Engine(EngineConfig(model=model, kv_cache_bytes=256 * 2**20, seed=seed))
     vocab = engine.model_config.vocab_size
     run_steps(engine, vocab, seed)  # warm-up: first steps of each shape pay one-off costs
     started = time.perf_counter()
-    steps = run_steps(engine, vocab, seed + 1)
+    steps = run_steps(engine, vocab, seed + 1) + replay_steps(model, replay_s, seed)
     fit_steps, held_out = steps[::2], steps[1::2]
-    cost = StepCostModel.fit([f for f, _ in fit_steps], [s for _, s in fit_steps])
+    # On seconds, not relative error: the simulator sums step times into latencies.
+    cost = StepCostModel.fit([f for f, _ in fit_steps], [s for _, s in fit_steps], relative=False)
     error = cost.relative_error([f for f, _ in held_out], [s for _, s in held_out])
+    measured = sum(s for _, s in held_out)
+    sum_error = abs(sum(cost.seconds(f) for f, _ in held_out) - measured) / measured
     return {
         "model": model,
         "step_cost": cost,
         "steps": len(steps),
         "seconds": time.perf_counter() - started,
         "held_out_relative_error": error,
+        "held_out_total_error": sum_error,
         "machine": machine(),
     }
 
@@ -96,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     load = result["machine"]["load_average_1m"]
     print_table(
         f"step cost on {result['steps']} steps of {model} (held-out error "
-        f"{result['held_out_relative_error']:.1%}, load {load:.2f})",
+        f"{result['held_out_relative_error']:.1%} per step, {result['held_out_total_error']:.1%} "
+        f"in total, load {load:.2f})",
         ["coefficient", "seconds per unit"],
         rows,
     )

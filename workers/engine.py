@@ -253,10 +253,10 @@ class Engine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:
         """Run one step of every scheduled request; returns the deltas of those that emitted."""
+        started = time.perf_counter()  # scheduling is part of what a step costs
         out = self._schedule()
         if not out:
             return []
-        started = time.perf_counter()
         inputs, num_logits = self._prepare_inputs(out)
         logits = self.runner.execute(inputs)
         sampled, logprobs = self._sample_or_verify(out, logits, num_logits)

@@ -76,6 +76,8 @@ class ReplayResult:
     records: list[RequestRecord]
     timeline: list[TimelinePoint]
     busy_s: float  # machine-seconds: CPU time of this process (real) or summed step costs (sim)
+    # (StepFeatures, seconds from the loop's turn to the step's end) of every step
+    steps: list = field(default_factory=list)
 
 
 class WallClock:
@@ -129,6 +131,7 @@ def replay(
     params = SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True)
     records: dict[str, RequestRecord] = {}
     timeline: list[TimelinePoint] = []
+    steps: list = []
     scheduler = engine.scheduler
     cpu_start = time.process_time()
     next_index = 0
@@ -156,25 +159,22 @@ def replay(
                 break
             clock.wait_until(trace[next_index].arrival_s)
             continue
+        before, started = engine.last_step, now
         deltas = engine.step()
         now = clock.now()
         for delta in deltas:
             _take(records[delta.request_id], delta, now, engine, admission)
-        if engine.last_step is not None:
+        if engine.last_step is not before:  # a step ran (not one that found nothing to do)
             step = engine.last_step[0]
-            timeline.append(
-                TimelinePoint(
-                    now,
-                    scheduler.num_waiting,
-                    scheduler.num_running,
-                    step.num_seqs,
-                    step.num_tokens,
-                )
-            )
+            # From this iteration's start to the step's end: arrivals and the step's own
+            # bookkeeping included, what the simulator's step cost must stand for.
+            steps.append((step, clock.now() - started))
+            waiting, running = scheduler.num_waiting, scheduler.num_running
+            timeline.append(TimelinePoint(now, waiting, running, step.num_seqs, step.num_tokens))
     busy = getattr(engine, "busy_s", None)
     if busy is None:
         busy = time.process_time() - cpu_start
-    return ReplayResult(list(records.values()), timeline, busy)
+    return ReplayResult(list(records.values()), timeline, busy, steps)
 
 
 def _take(record: RequestRecord, delta: RequestDelta, now: float, engine, admission) -> None:

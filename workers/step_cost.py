@@ -72,19 +72,24 @@ class StepCostModel:
         )
 
     @classmethod
-    def fit(cls, features: list[StepFeatures], seconds: list[float]) -> StepCostModel:
-        """Least squares on the relative error (each step weighted by 1/its time, so short decode
-        steps count as much as long prefills), every coefficient kept >= 0: a negative cost
-        is never physical, so a column whose coefficient comes out negative is dropped and the
-        rest refitted."""
+    def fit(
+        cls, features: list[StepFeatures], seconds: list[float], relative: bool = True
+    ) -> StepCostModel:
+        """Least squares, every coefficient kept >= 0 (a negative cost is never physical, so
+        a column whose coefficient comes out negative is dropped and the rest refitted).
+        `relative`: on the relative error, each step weighted by 1/its time, so short decode
+        steps count as much as long prefills (what a policy predicting each step needs);
+        else on the error in seconds, so the sum over a run comes out right (what a
+        simulation of latencies needs)."""
         if len(features) < len(COEFFICIENTS):
             raise ValueError(f"fitting needs at least {len(COEFFICIENTS)} steps")
         x = np.array([f.row() for f in features])
         y = np.asarray(seconds, dtype=float)
         if (y <= 0).any():
             raise ValueError("step times must be > 0")
-        x = x / y[:, None]
-        return cls.from_normal_equations(x.T @ x, x.sum(axis=0))
+        if relative:
+            x, y = x / y[:, None], np.ones_like(y)
+        return cls.from_normal_equations(x.T @ x, x.T @ y)
 
     @classmethod
     def from_normal_equations(cls, xtx: np.ndarray, xty: np.ndarray) -> StepCostModel:

@@ -1,0 +1,251 @@
+"""Batching policies on the same traces: fixed (the usual engine constants), adaptive, learned.
+
+One replay (the command line other tools rely on):
+    python -m benchmarks.scheduling --trace FILE.jsonl --policy fixed|adaptive|learned
+        --engine real|sim --model DIR --slo-ttft S --slo-itl S --json OUT.json
+The suite (no --trace): every trace family in the simulator and the bursty and shared-prefix
+traces on the real engine too, every policy on the same trace in the same run. It prints a
+table per engine, the simulator's error against the real engine and the learned policy's
+decision time, and draws a PNG per trace of queue depth, batch size and p99 TTFT over time.
+
+`fixed` queues every request, as an engine without admission does; `adaptive` and `learned`
+admit by the SLOs, as a worker serving with them does. Goodput: requests per second of the
+trace that met both SLOs (time to first token, and mean time per output token after it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import checkpoint, fmt, machine, print_table, write_json
+from benchmarks.traces import generate
+from kvstore.sampling_params import SamplingParams
+from kvstore.trace import TraceRequest, read_trace, write_trace
+from workers.batching_policy import QueueSnapshot, StepTimeModel
+from workers.policy_factory import POLICIES, make_batching_policy
+from workers.replay import ReplayResult, WallClock, replay, summarize
+from workers.request import Request
+from workers.simulator import SimSettings, admission_for, simulate
+from workers.step_cost import DEFAULT_STEP_COST_PATH, StepCostModel
+
+CONTRACT_KEYS = (
+    "policy", "engine", "requests", "completed", "rejected", "goodput_rps",
+    "throughput_tok_s", "ttft_p50_s", "ttft_p99_s", "itl_p99_s", "e2e_p99_s",
+)  # fmt: skip
+FAMILIES = ("poisson", "diurnal", "bursty", "heavy_tailed", "shared_prefix")
+REAL_FAMILIES = ("bursty", "shared_prefix")
+# Sized for the small preset on two CPU cores: a few hundred tokens a prompt.
+LENGTHS = dict(prompt_tokens=192, output_tokens=48, max_prompt_tokens=1024, max_output_tokens=192)
+
+
+def run_once(
+    trace: list[TraceRequest],
+    policy: str,
+    engine: str,
+    settings: SimSettings,
+    cost: StepCostModel,
+    model: str,
+    learned: str | None = None,
+) -> tuple[dict, ReplayResult]:
+    """One policy on one trace, simulated or on the real engine (in this process, on the
+    wall clock); its summary and its replay."""
+    if engine == "sim":
+        result = simulate(trace, policy, cost, settings, learned=learned)
+    else:
+        from workers import Engine, EngineConfig
+
+        real = Engine(
+            EngineConfig(
+                model=model,
+                num_blocks=settings.num_blocks,
+                block_size=settings.block_size,
+                max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+                batching=policy,
+                learned_policy=learned,
+            )
+        )
+        real.scheduler.policy.set_targets(settings.slo_ttft_s, settings.slo_itl_s)
+        admission = admission_for(policy, settings, real.step_time)
+        vocab = real.model_config.vocab_size
+        result = replay(trace, real, WallClock(), vocab, admission)
+    summary = summarize(result, settings.slo_ttft_s, settings.slo_itl_s)
+    return {"policy": policy, "engine": engine, **summary}, result
+
+
+def decision_time_us(learned: str | None, steps: int = 20000) -> float:
+    """Mean microseconds the learned policy spends a step: its limits and one queue key."""
+    policy = make_batching_policy("learned", 2048, 64, StepTimeModel(), learned=learned)
+    request = Request("r", list(range(200)), SamplingParams(max_tokens=64), 0.0)
+    started = time.perf_counter()
+    for i in range(steps):
+        snapshot = QueueSnapshot(32, 8, 1600, 500, now=i * 0.01, num_arrivals=i)
+        policy.limits(snapshot)
+        policy.waiting_key(request)
+    return (time.perf_counter() - started) / steps * 1e6
+
+
+def rolling_p99_ttft(result: ReplayResult, window_s: float = 2.0) -> tuple[list, list]:
+    """p99 TTFT of the requests whose first token came in the last `window_s`, every 0.5 s."""
+    points = sorted((r.first_token_s, r.ttft_s) for r in result.records if r.ttft_s is not None)
+    if not points:
+        return [], []
+    ends = np.arange(window_s / 2, points[-1][0] + 0.5, 0.5)
+    p99 = [np.percentile([y for x, y in points if e - window_s < x <= e] or [0], 99) for e in ends]
+    return list(ends), p99
+
+
+def plot(path: Path, title: str, results: dict[str, ReplayResult], slo_ttft_s: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    for name, result in results.items():
+        t = [p.t for p in result.timeline]
+        axes[0].plot(t, [p.num_waiting for p in result.timeline], label=name, lw=0.8)
+        axes[1].plot(t, [p.batch_seqs for p in result.timeline], label=name, lw=0.8)
+        axes[2].plot(*rolling_p99_ttft(result), label=name, lw=0.8)
+    axes[2].axhline(slo_ttft_s, color="grey", ls=":", lw=0.8)
+    for ax, label in zip(axes, ("queue depth", "batch (sequences)", "p99 TTFT, 2 s window (s)")):
+        ax.set_ylabel(label)
+    axes[0].set_title(title)
+    axes[0].legend()
+    axes[2].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def simulator_error(runs: list[dict], family: str) -> list[dict]:
+    """|sim - real| / real for mean end-to-end latency and p99 TTFT, per policy."""
+    errors = []
+    for policy in POLICIES:
+        pair = {r["engine"]: r for r in runs if r["trace"] == family and r["policy"] == policy}
+        sim, real = pair["sim"], pair["real"]
+        errors.append(
+            {
+                "trace": family,
+                "policy": policy,
+                "e2e_mean_error": abs(sim["e2e_mean_s"] - real["e2e_mean_s"]) / real["e2e_mean_s"],
+                "ttft_p99_error": abs(sim["ttft_p99_s"] - real["ttft_p99_s"]) / real["ttft_p99_s"],
+            }
+        )
+    return errors
+
+
+def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCostModel) -> dict:
+    out_dir = Path(args.json).parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, errors = [], []
+    for family in FAMILIES:
+        trace = generate(family, args.duration, args.rate, args.seed, **LENGTHS)
+        write_trace(out_dir / f"trace-{family}.jsonl", trace)
+        engines = ("sim", "real") if family in REAL_FAMILIES and not args.sim_only else ("sim",)
+        for engine in engines:
+            results = {}
+            for policy in POLICIES:
+                summary, results[policy] = run_once(
+                    trace, policy, engine, settings, cost, args.model, args.learned
+                )
+                runs.append({"trace": family, **summary})
+                good = summary["goodput_rps"]
+                print(f"{family} {engine} {policy}: {good:.2f} good/s", flush=True)
+            title = f"{family} trace, {engine} engine"
+            plot(out_dir / f"scheduling-{family}-{engine}.png", title, results, settings.slo_ttft_s)
+        if "real" in engines:
+            errors += simulator_error(runs, family)
+    return {
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "slo": {"ttft_s": settings.slo_ttft_s, "itl_s": settings.slo_itl_s},
+        "step_cost": cost.__dict__ if hasattr(cost, "__dict__") else repr(cost),
+        "runs": runs,
+        "simulator_error": errors,
+        "learned_decision_us": decision_time_us(args.learned),
+        "machine": machine(),
+    }
+
+
+def report(results: dict) -> None:
+    runs = results["runs"]
+    for engine in ("sim", "real"):
+        rows = [
+            [
+                r["trace"], r["policy"], fmt(r["goodput_rps"]), fmt(r["throughput_tok_s"]),
+                fmt(r["ttft_p50_s"]), fmt(r["ttft_p99_s"]), fmt(r["itl_p99_s"]),
+                fmt(r["e2e_p99_s"]), str(r["rejected"]), fmt(r["cpu_s_per_mtok"]),
+            ]
+            for r in runs
+            if r["engine"] == engine
+        ]  # fmt: skip
+        if rows:
+            header = ["trace", "policy", "goodput/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p99"]
+            header += ["e2e p99", "rejected", "CPU-s/Mtok"]
+            print_table(f"{engine} engine", header, rows)
+        for family in {r["trace"] for r in runs if r["engine"] == engine}:
+            by = {r["policy"]: r for r in runs if r["engine"] == engine and r["trace"] == family}
+            fixed, adaptive, learned = by["fixed"], by["adaptive"], by["learned"]
+            print(
+                f"{engine} {family}: learned/fixed goodput "
+                f"{ratio(learned['goodput_rps'], fixed['goodput_rps'])}, p99 TTFT "
+                f"{ratio(learned['ttft_p99_s'], fixed['ttft_p99_s'])}; learned/adaptive goodput "
+                f"{ratio(learned['goodput_rps'], adaptive['goodput_rps'])}"
+            )
+    for e in results["simulator_error"]:
+        print(
+            f"simulator error, {e['trace']} {e['policy']}: mean e2e {e['e2e_mean_error']:.1%}, "
+            f"p99 TTFT {e['ttft_p99_error']:.1%}"
+        )
+    print(f"learned policy decision time: {results['learned_decision_us']:.1f} us per step")
+    print(f"load average (1 min) at the end: {results['machine']['load_average_1m']:.2f}")
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "inf"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scheduling", description=__doc__)
+    p.add_argument("--trace", help="replay this JSONL trace once (else: the suite)")
+    p.add_argument("--policy", choices=POLICIES, default="learned")
+    p.add_argument("--engine", choices=("real", "sim"), default="sim")
+    p.add_argument("--model", help="checkpoint directory (default: the small preset)")
+    p.add_argument("--step-cost", help="the simulator's step cost (manta bench calibrate)")
+    p.add_argument("--learned", help="learned policy parameters (default: the shipped ones)")
+    p.add_argument("--slo-ttft", type=float, default=1.0, help="seconds to first token")
+    p.add_argument("--slo-itl", type=float, default=0.025, help="mean seconds per output token")
+    p.add_argument("--duration", type=float, default=60.0, help="suite: seconds per trace")
+    p.add_argument("--rate", type=float, default=16.0, help="suite: mean requests per second")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sim-only", action="store_true", help="suite: no real-engine replays")
+    p.add_argument("--json", default="benchmarks/results/scheduling.json")
+    args = p.parse_args(argv)
+    args.model = args.model or str(checkpoint("small"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cost = StepCostModel.load(args.step_cost or DEFAULT_STEP_COST_PATH)
+    settings = SimSettings(slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
+    if args.trace:
+        trace = read_trace(args.trace)
+        summary, _ = run_once(
+            trace, args.policy, args.engine, settings, cost, args.model, args.learned
+        )
+        write_json(args.json, summary)  # the contract's keys, and the rest of the summary
+        print({k: summary[k] for k in CONTRACT_KEYS})
+        return 0
+    results = suite(args, settings, cost)
+    report(results)
+    print(f"\nwrote {write_json(args.json, results)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

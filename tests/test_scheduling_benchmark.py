@@ -1,0 +1,52 @@
+"""The scheduling benchmark's command line, which other tools rely on: one trace, one policy,
+simulated or on the real engine, the contract's keys in the JSON it writes; and the suite's
+sim-only run with its table, plots and the learned policy's decision time."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks.scheduling import CONTRACT_KEYS, main
+from benchmarks.traces import generate
+from kvstore.trace import write_trace
+
+
+@pytest.fixture
+def trace_file(tmp_path):
+    trace = generate("bursty", 6.0, 12.0, seed=4, prompt_tokens=64, output_tokens=8,
+                     max_prompt_tokens=256, max_output_tokens=24)  # fmt: skip
+    write_trace(tmp_path / "t.jsonl", trace)
+    return tmp_path / "t.jsonl", len(trace)
+
+
+@pytest.mark.parametrize("engine", ["sim", "real"])
+def test_one_replay_writes_the_contract(tmp_path, trace_file, tiny_model, engine):
+    path, num_requests = trace_file
+    out = tmp_path / "out.json"
+    argv = ["--trace", str(path), "--policy", "learned", "--engine", engine, "--model",
+            tiny_model, "--slo-ttft", "0.5", "--slo-itl", "0.05", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert set(CONTRACT_KEYS) <= set(result)
+    assert (result["policy"], result["engine"]) == ("learned", engine)
+    assert result["requests"] == num_requests
+    assert result["completed"] + result["rejected"] == num_requests
+    for key in CONTRACT_KEYS[2:]:
+        assert math.isfinite(result[key]) and result[key] >= 0, key
+    assert result["throughput_tok_s"] > 0
+
+
+def test_the_sim_suite_compares_every_policy_on_every_family(tmp_path, capsys):
+    out = tmp_path / "suite.json"
+    argv = ["--sim-only", "--duration", "8", "--rate", "10", "--json", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    runs = {(r["trace"], r["policy"]) for r in results["runs"]}
+    families = ("poisson", "diurnal", "bursty", "heavy_tailed", "shared_prefix")
+    assert runs == {(f, p) for f in families for p in ("fixed", "adaptive", "learned")}
+    assert 0 < results["learned_decision_us"] < 1e4
+    assert (tmp_path / "scheduling-bursty-sim.png").stat().st_size > 1000
+    assert "learned/fixed goodput" in capsys.readouterr().out
