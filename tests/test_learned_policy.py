@@ -76,21 +76,32 @@ def test_the_budget_rises_before_the_queue_does():
     assert surge_budget.max_num_batched_tokens > calm_budget.max_num_batched_tokens
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     st.integers(0, 64),
     st.integers(0, 500),
+    st.integers(0, 10**6),
     st.integers(0, 10**6),
     st.floats(0, 1e4),
     st.integers(0, 10**5),
     st.floats(0.01, 20),
     st.floats(0, 4),
+    st.floats(0, 3),
+    st.floats(0, 2),
+    st.sampled_from([None, 1e-4, 0.025, 1.0]),
 )
-def test_limits_stay_within_the_engines(running, waiting, tokens, now, arrivals, weight, gain):
-    p = policy(latency_weight=weight, surge_gain=gain)
-    limits = p.limits(QueueSnapshot(running, waiting, tokens, 100, now, arrivals, arrivals * 50))
-    assert 1 <= limits.max_num_batched_tokens <= 2048
-    assert 1 <= limits.max_num_seqs <= 64
+def test_limits_stay_within_the_engines(
+    running, waiting, tokens, context, now, arrivals, weight, gain, step_f, seq_f, slo_itl
+):
+    p = policy(latency_weight=weight, surge_gain=gain, step_slo_factor=step_f,
+               seq_slo_factor=seq_f)  # fmt: skip
+    p.set_targets(1.0, slo_itl)
+    p.cost.model = COST  # a fitted cost with attention in it, as after a few steps
+    for t in (now, now + 0.5):
+        queue = QueueSnapshot(running, waiting, tokens, 100, context, t, arrivals, arrivals * 50)
+        limits = p.limits(queue)
+        assert 1 <= limits.max_num_batched_tokens <= 2048
+        assert 1 <= limits.max_num_seqs <= 64
 
 
 def test_short_work_goes_first_but_no_request_is_passed_for_long():

@@ -209,13 +209,10 @@ class LearnedBatchingPolicy(BatchingPolicy):
             decode_only = StepFeatures(0, decoding, queue.num_running_tokens, decoding)
             room = p.step_slo_factor * self.slo_itl_s - m.seconds(decode_only)
             # b c + d c^2 / 2 <= room: a new prompt's chunk of c tokens, attention included
-            d = m.d_context
-            chunk = (
-                room / per_token
-                if d == 0
-                else (math.sqrt(per_token**2 + 2 * d * room) - per_token) / d
-            )
-            budget = min(budget, decoding + max(16, int(chunk) if room > 0 else 0))
+            b, d, chunk = per_token, m.d_context, 0.0
+            if room > 0:
+                chunk = room / b if d == 0 else (math.sqrt(b * b + 2 * d * room) - b) / d
+            budget = min(budget, decoding + max(16, int(chunk)))
         return budget
 
     def _seq_cap(self, queue: QueueSnapshot) -> int:

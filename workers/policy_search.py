@@ -37,6 +37,8 @@ SEARCH_SPACE: dict[str, tuple[float, float, bool]] = {
     "max_delay_s": (0.0, 4.0, False),
     "admit_slack": (0.3, 3.0, True),
     "surge_admit": (0.0, 2.0, False),
+    "step_slo_factor": (0.0, 3.0, False),
+    "seq_slo_factor": (0.0, 2.0, False),
     "max_length_error": (0.5, 20.0, True),
 }
 
