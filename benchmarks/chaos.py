@@ -787,6 +787,7 @@ def run_chaos(
     model_dir: Path, durations: Durations, scenarios: Sequence[str] = SCENARIOS,
     slo_ttft_s: float = 0.5, slo_itl_s: float = 0.0012, overload_workers: int = 1,
     log_path: Path = Path("benchmarks/results/chaos-server.log"),
+    overload_batching: str = "adaptive",
 ) -> dict[str, Any]:  # fmt: skip
     """Start Redis and `manta serve`, run the scenarios in order, stop both. The overload
     runs on a server of its own started with the tight SLOs it is judged by (`slo_ttft_s`,
@@ -794,7 +795,8 @@ def run_chaos(
     unknown = set(scenarios) - set(SCENARIOS)
     if unknown:
         raise ValueError(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
-    tight = ["--slo-ttft-s", str(slo_ttft_s), "--slo-itl-s", str(slo_itl_s)]
+    tight = ["--slo-ttft-s", str(slo_ttft_s), "--slo-itl-s", str(slo_itl_s),
+             "--batching", overload_batching]  # fmt: skip
     groups = [([s for s in scenarios if s != "overload"], [], 2),
               ([s for s in scenarios if s == "overload"], tight, overload_workers)]  # fmt: skip
     redis = RedisServer()
@@ -812,7 +814,7 @@ def run_chaos(
         redis.stop()
     rows.sort(key=lambda row: scenarios.index(row["name"]))
     return {"machine": machine(), "slo_ttft_s": slo_ttft_s, "slo_itl_s": slo_itl_s,
-            "overload_workers": overload_workers,
+            "overload_workers": overload_workers, "overload_batching": overload_batching,
             "scenarios": rows, "processes_left_after_stop": leftovers}  # fmt: skip
 
 
@@ -858,7 +860,8 @@ def report_markdown(results: dict[str, Any], command: str) -> str:
         "",
         f"Measured by `{command}` against a real `manta serve` (2 workers, a real Redis; "
         f"default SLOs, but for the overload a server of its own with "
-        f"{results['overload_workers']} worker(s), a TTFT SLO of {results['slo_ttft_s']} s "
+        f"{results['overload_workers']} worker(s), {results.get('overload_batching', 'adaptive')}"
+        f" batching, a TTFT SLO of {results['slo_ttft_s']} s "
         f"and an inter-token SLO of {results['slo_itl_s']} s) on {m['cpu_count']} cores, "
         f"load average "
         f"{m['load_average_1m']:.2f} at the end of the run. Requests go to 127.0.0.1 only. "
@@ -912,6 +915,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="workers of the overload's server (see RELIABILITY.md)",
     )
+    parser.add_argument(
+        "--overload-batching",
+        choices=["adaptive", "fixed", "learned"],
+        default="adaptive",
+        help="the overload server's batching policy",
+    )
     parser.add_argument("--out", default="benchmarks/results/chaos.json")
     parser.add_argument("--report", default="RELIABILITY.md", help="'' to write none")
     args = parser.parse_args(argv)
@@ -924,6 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.slo_ttft_s,
         args.slo_itl_s,
         args.overload_workers,
+        overload_batching=args.overload_batching,
     )
     rows = [[r["name"], r["sent"], r["completed"], json.dumps(r["failed"]), r["altered"],
              f"{r['recovery_s']:.2f}"] for r in results["scenarios"]]  # fmt: skip

@@ -16,7 +16,10 @@ from benchmarks.chaos import Durations, run_chaos
 @pytest.fixture(scope="module")
 def chaos(tiny_model, tmp_path_factory) -> dict[str, dict]:
     log = tmp_path_factory.mktemp("chaos") / "server.log"
-    results = run_chaos(Path(tiny_model), Durations.quick(), log_path=log)
+    # The overload's server runs the learned batching policy: its refusals are the same 429s.
+    results = run_chaos(
+        Path(tiny_model), Durations.quick(), log_path=log, overload_batching="learned"
+    )
     assert results["processes_left_after_stop"] == 0  # the clean shutdown stopped everything
     return {row["name"]: row for row in results["scenarios"]}
 
@@ -38,6 +41,7 @@ def test_redis_faults_cost_no_request_and_hide_no_worker(chaos, fault):
 
 def test_overload_is_shed_with_429_and_drains(chaos):
     row = chaos["overload"]
+    assert "--batching learned" in row["server_flags"]
     assert row["other_statuses"] == [] and row["shed_429"] > 0
     assert row["429_with_retry_after"] == row["shed_429"]
     assert row["completed"] > 0 and row["drained"]
