@@ -58,6 +58,17 @@ def test_full_slots_and_time_already_waited_count_toward_the_slo():
     assert control.check(10, num_running=0, waited_s=0.6) is not None  # already late
 
 
+def test_a_policys_lower_sequence_cap_counts_as_full_slots():
+    """The learned policy may cap the decode batch below max_num_seqs: admission then plans
+    for the slots the policy will really give."""
+    control = AdmissionControl(0.5, 256, model(), max_num_seqs=64)
+    control.admitted(10, max_tokens=100)
+    assert control.check(10, num_running=2) is None
+    refusal = control.check(10, num_running=2, seq_cap=2)  # every slot the policy allows is taken
+    assert refusal is not None and "first token" in refusal.reason
+    assert control.check(10, num_running=2, seq_cap=200) is None  # never above max_num_seqs
+
+
 def test_an_inter_token_slo_caps_the_decode_batch():
     control = AdmissionControl(None, 256, model(overhead=0.01, per_token=1e-3), 64, 0.014)
     assert control.check(10, num_running=0) is None  # alone: always

@@ -57,21 +57,31 @@ class AdmissionControl:
         self.num_refused = 0
 
     def check(
-        self, prompt_tokens: int, num_running: int, waited_s: float = 0.0, slack: float = 1.0
+        self,
+        prompt_tokens: int,
+        num_running: int,
+        waited_s: float = 0.0,
+        slack: float = 1.0,
+        seq_cap: int | None = None,
     ) -> Refusal | None:
         """None to admit (then `admitted` and, at its first token, `started`), else why not.
-        `slack` scales the TTFT SLO (the batching policy's `admission_slack`)."""
-        refusal = self._ttft_refusal(prompt_tokens, num_running, waited_s, slack)
-        refusal = refusal or self._itl_refusal(num_running)
+        `slack` scales the TTFT SLO and `seq_cap` lowers `max_num_seqs` for this check (the
+        batching policy's `admission_slack` and `sequence_cap`)."""
+        caps = [c for c in (self.max_num_seqs, seq_cap) if c is not None]
+        cap = min(caps) if caps else None
+        refusal = self._ttft_refusal(prompt_tokens, num_running, waited_s, slack, cap)
+        refusal = refusal or self._itl_refusal(num_running, cap)
         if refusal is not None:
             self.num_refused += 1
         return refusal
 
-    def _ttft_refusal(self, prompt_tokens: int, num_running: int, waited_s: float, slack: float):
+    def _ttft_refusal(
+        self, prompt_tokens: int, num_running: int, waited_s: float, slack: float, cap: int | None
+    ):
         if self.slo_ttft_s is None:
             return None
         slo = self.slo_ttft_s * slack
-        slot_wait = self._slot_wait(self.queued_requests + 1, num_running)
+        slot_wait = self._slot_wait(self.queued_requests + 1, num_running, cap)
         if self.queued_tokens == 0 and slot_wait == 0.0:
             return None
         tokens = self.queued_tokens + prompt_tokens
@@ -79,7 +89,7 @@ class AdmissionControl:
         ttft = waited_s + slot_wait + prefill
         if ttft <= slo:
             return None
-        ahead = self._slot_wait(self.queued_requests, num_running) + predicted_ttft(
+        ahead = self._slot_wait(self.queued_requests, num_running, cap) + predicted_ttft(
             self.queued_tokens, num_running, self.max_num_batched_tokens, self.step_time
         )
         return Refusal(
@@ -87,13 +97,13 @@ class AdmissionControl:
             max(ahead - slo, 0.0) + 0.1,
         )
 
-    def _itl_refusal(self, num_running: int):
+    def _itl_refusal(self, num_running: int, cap: int | None):
         """A decode batch so large that every step would exceed the inter-token SLO."""
         if self.slo_itl_s is None:
             return None
         batch = num_running + self.queued_requests + 1
-        if self.max_num_seqs is not None:
-            batch = min(batch, self.max_num_seqs)
+        if cap is not None:
+            batch = min(batch, cap)
         if batch <= 1:
             return None
         itl = self.step_time.seconds(batch)
@@ -107,16 +117,17 @@ class AdmissionControl:
             wait + 0.1,
         )
 
-    def _slot_wait(self, num_new: int, num_running: int) -> float:
+    def _slot_wait(self, num_new: int, num_running: int, cap: int | None) -> float:
         """Seconds until `num_new` more requests all hold a sequence slot: each "round" of
-        `max_num_seqs` that must finish first takes a mean decode at a full batch."""
-        if self.max_num_seqs is None:
+        `cap` (max_num_seqs, or the policy's lower cap) that must finish first takes a mean
+        decode at a full batch."""
+        if cap is None:
             return 0.0
-        over = num_running + num_new - self.max_num_seqs
+        over = num_running + num_new - cap
         if over <= 0:
             return 0.0
-        rounds = math.ceil(over / self.max_num_seqs)
-        return rounds * self.mean_output_tokens * self.step_time.seconds(self.max_num_seqs)
+        rounds = math.ceil(over / cap)
+        return rounds * self.mean_output_tokens * self.step_time.seconds(cap)
 
     def admitted(self, prompt_tokens: int, max_tokens: int = 0) -> None:
         self.queued_tokens += prompt_tokens

@@ -62,6 +62,11 @@ class BatchingPolicy(ABC):
         within this many times the SLO."""
         return 1.0
 
+    def sequence_cap(self) -> int | None:
+        """A sequence cap below max_num_seqs that admission must plan by, if the policy sets
+        one."""
+        return None
+
     def describe(self) -> dict[str, float]:
         """What the policy currently believes, for stats."""
         return {}

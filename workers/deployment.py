@@ -126,8 +126,11 @@ class Worker:
             return
         running = self.engine.stats()["num_requests_running"]
         waited = max(0.0, time.time() - request.arrival_s)
-        slack = self.engine.engine.scheduler.policy.admission_slack()
-        refusal = self.admission.check(len(request.prompt_token_ids), running, waited, slack)
+        policy = self.engine.engine.scheduler.policy  # read across threads: plain numbers
+        refusal = self.admission.check(
+            len(request.prompt_token_ids), running, waited, policy.admission_slack(),
+            policy.sequence_cap(),
+        )  # fmt: skip
         if refusal is not None:
             raise WorkerOverloadedError(refusal.reason, refusal.retry_after_s)
 

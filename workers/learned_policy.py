@@ -267,6 +267,9 @@ class LearnedBatchingPolicy(BatchingPolicy):
         p = self.params
         return p.admit_slack / (1.0 + p.surge_admit * max(0.0, self.forecast.surge - 1.0))
 
+    def sequence_cap(self) -> int | None:
+        return None if self.falling_back else self.last_seqs
+
     def describe(self) -> dict[str, float]:
         m = self.cost.model
         return {

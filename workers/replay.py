@@ -145,9 +145,9 @@ def replay(
             )
             ids = prompt_token_ids(request, next_index, vocab_size, seed)
             if admission is not None:
-                running, slack = scheduler.num_running, scheduler.policy.admission_slack()
-                waited = now - request.arrival_s
-                if admission.check(len(ids), running, waited, slack) is not None:
+                policy, waited = scheduler.policy, now - request.arrival_s
+                slack, cap = policy.admission_slack(), policy.sequence_cap()
+                if admission.check(len(ids), scheduler.num_running, waited, slack, cap):
                     record.rejected = True
                     next_index += 1
                     continue
