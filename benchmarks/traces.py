@@ -17,6 +17,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -27,6 +28,21 @@ STEADY_SIGMA = 0.5  # lognormal spread of token counts in every family but heavy
 
 
 # -- shared pieces ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TraceSizes:
+    """What every family draws alike: token-count means (before clipping) and caps, and how
+    many tenants share the traffic (None: all "default")."""
+
+    prompt_tokens: int = 256
+    output_tokens: int = 64
+    max_prompt_tokens: int = 1024
+    max_output_tokens: int = 256
+    num_tenants: int | None = None
+
+
+DEFAULT_SIZES = TraceSizes()
+
+
 def _check(duration_s: float, rate: float) -> None:
     if not (duration_s > 0 and rate > 0):
         raise ValueError(f"duration_s and rate must be > 0, got {duration_s} and {rate}")
@@ -66,17 +82,14 @@ def _tenants(rng: np.random.Generator, n: int, num_tenants: int | None) -> list[
 def _trace(
     rng: np.random.Generator,
     arrivals: np.ndarray,
-    lengths: tuple[int, int, int, int],
-    num_tenants: int | None,
+    sizes: TraceSizes,
     sigma: tuple[float, float] = (STEADY_SIGMA, STEADY_SIGMA),
 ) -> list[TraceRequest]:
-    """Requests at `arrivals` with drawn token counts; `lengths` = prompt and output means, then
-    their caps."""
-    prompt_tokens, output_tokens, max_prompt_tokens, max_output_tokens = lengths
+    """Requests at `arrivals` with token counts and tenants drawn as `sizes` says."""
     n = len(arrivals)
-    prompts = _lengths(rng, n, prompt_tokens, max_prompt_tokens, sigma[0])
-    outputs = _lengths(rng, n, output_tokens, max_output_tokens, sigma[1])
-    tenants = _tenants(rng, n, num_tenants)
+    prompts = _lengths(rng, n, sizes.prompt_tokens, sizes.max_prompt_tokens, sigma[0])
+    outputs = _lengths(rng, n, sizes.output_tokens, sizes.max_output_tokens, sigma[1])
+    tenants = _tenants(rng, n, sizes.num_tenants)
     return [
         TraceRequest(round(t, 6), p, o, tenant=tenant)
         for t, p, o, tenant in zip(arrivals.tolist(), prompts, outputs, tenants)
@@ -89,18 +102,13 @@ def poisson(
     rate: float,
     *,
     seed: int = 0,
-    prompt_tokens: int = 256,
-    output_tokens: int = 64,
-    max_prompt_tokens: int = 1024,
-    max_output_tokens: int = 256,
-    num_tenants: int | None = None,
+    sizes: TraceSizes = DEFAULT_SIZES,
 ) -> list[TraceRequest]:
     """Steady Poisson arrivals at `rate`: the memoryless baseline the other families depart from."""
     _check(duration_s, rate)
     rng = np.random.default_rng(seed)
     arrivals = _poisson_arrivals(rng, 0.0, duration_s, rate)
-    lengths = (prompt_tokens, output_tokens, max_prompt_tokens, max_output_tokens)
-    return _trace(rng, arrivals, lengths, num_tenants)
+    return _trace(rng, arrivals, sizes)
 
 
 def diurnal(
@@ -110,11 +118,7 @@ def diurnal(
     period_s: float | None = None,
     amplitude: float = 0.5,
     seed: int = 0,
-    prompt_tokens: int = 256,
-    output_tokens: int = 64,
-    max_prompt_tokens: int = 1024,
-    max_output_tokens: int = 256,
-    num_tenants: int | None = None,
+    sizes: TraceSizes = DEFAULT_SIZES,
 ) -> list[TraceRequest]:
     """A Poisson process whose rate is `rate * (1 + amplitude * sin(2 pi t / period_s))`, drawn by
     thinning; the mean is `rate` over whole periods (`period_s` defaults to the duration)."""
@@ -127,8 +131,7 @@ def diurnal(
     candidates = _poisson_arrivals(rng, 0.0, duration_s, peak)
     wanted = rate * (1 + amplitude * np.sin(2 * np.pi * candidates / period))
     arrivals = candidates[rng.uniform(0, peak, candidates.size) < wanted]
-    lengths = (prompt_tokens, output_tokens, max_prompt_tokens, max_output_tokens)
-    return _trace(rng, arrivals, lengths, num_tenants)
+    return _trace(rng, arrivals, sizes)
 
 
 def _surge_schedule(
@@ -156,11 +159,7 @@ def bursty(
     surge_len_s: tuple[float, float] = (2.0, 6.0),
     calm_len_s: tuple[float, float] = (5.0, 15.0),
     seed: int = 0,
-    prompt_tokens: int = 256,
-    output_tokens: int = 64,
-    max_prompt_tokens: int = 1024,
-    max_output_tokens: int = 256,
-    num_tenants: int | None = None,
+    sizes: TraceSizes = DEFAULT_SIZES,
 ) -> list[TraceRequest]:
     """The viral launch: a two-state modulated Poisson process, calm stretches and surges whose
     factor over the calm rate is drawn per surge, each stretch's length uniform in its range.
@@ -178,8 +177,7 @@ def bursty(
     arrivals = np.concatenate(
         [_poisson_arrivals(rng, s, length, calm_rate * f) for s, length, f in segments]
     )
-    lengths = (prompt_tokens, output_tokens, max_prompt_tokens, max_output_tokens)
-    return _trace(rng, arrivals, lengths, num_tenants)
+    return _trace(rng, arrivals, sizes)
 
 
 def _renewal_arrivals(
@@ -203,11 +201,7 @@ def heavy_tailed(
     prompt_sigma: float = 1.0,
     output_sigma: float = 1.0,
     seed: int = 0,
-    prompt_tokens: int = 256,
-    output_tokens: int = 64,
-    max_prompt_tokens: int = 1024,
-    max_output_tokens: int = 256,
-    num_tenants: int | None = None,
+    sizes: TraceSizes = DEFAULT_SIZES,
 ) -> list[TraceRequest]:
     """Gamma inter-arrivals with `shape` < 1 (clusters of near-simultaneous requests between long
     gaps) and lognormal token counts with wide spreads, whose means hold before the caps clip."""
@@ -216,8 +210,7 @@ def heavy_tailed(
         raise ValueError(f"shape must be within (0, 1) to be burstier than Poisson, got {shape}")
     rng = np.random.default_rng(seed)
     arrivals = _renewal_arrivals(rng, duration_s, rate, shape)
-    lengths = (prompt_tokens, output_tokens, max_prompt_tokens, max_output_tokens)
-    return _trace(rng, arrivals, lengths, num_tenants, (prompt_sigma, output_sigma))
+    return _trace(rng, arrivals, sizes, (prompt_sigma, output_sigma))
 
 
 def shared_prefix(
@@ -229,11 +222,7 @@ def shared_prefix(
     grouped_fraction: float = 0.8,
     zipf_s: float = 1.2,
     seed: int = 0,
-    prompt_tokens: int = 256,
-    output_tokens: int = 64,
-    max_prompt_tokens: int = 1024,
-    max_output_tokens: int = 256,
-    num_tenants: int | None = None,
+    sizes: TraceSizes = DEFAULT_SIZES,
 ) -> list[TraceRequest]:
     """Poisson arrivals of which `grouped_fraction` open with one of `num_groups` system prompts
     ("sys-0" the most popular, group k drawn with weight (k + 1)^-zipf_s) of `prefix_tokens`
@@ -241,6 +230,7 @@ def shared_prefix(
     holds for both kinds. With tenants, group k belongs to tenant k % num_tenants, since tenants
     never share cached KV."""
     _check(duration_s, rate)
+    prompt_tokens, max_prompt_tokens = sizes.prompt_tokens, sizes.max_prompt_tokens
     prefix = prompt_tokens // 2 if prefix_tokens is None else prefix_tokens
     if not 1 <= prefix <= prompt_tokens or prefix >= max_prompt_tokens:
         raise ValueError(
@@ -259,7 +249,8 @@ def shared_prefix(
         rng, n, max(prompt_tokens - prefix, 1), max_prompt_tokens - prefix, STEADY_SIGMA
     )
     alone = _lengths(rng, n, prompt_tokens, max_prompt_tokens, STEADY_SIGMA)
-    outputs = _lengths(rng, n, output_tokens, max_output_tokens, STEADY_SIGMA)
+    outputs = _lengths(rng, n, sizes.output_tokens, sizes.max_output_tokens, STEADY_SIGMA)
+    num_tenants = sizes.num_tenants
     tenants = _tenants(rng, n, num_tenants)
     prompts = [prefix + s if g >= 0 else a for g, s, a in zip(groups, suffixes, alone)]
     if num_tenants is not None:
@@ -284,10 +275,14 @@ FAMILIES: dict[str, Callable[..., list[TraceRequest]]] = {
 def generate(
     family: str, duration_s: float, rate: float, seed: int = 0, **options
 ) -> list[TraceRequest]:
-    """The trace of one family by name; `options` are its keyword arguments (lengths, tenants)."""
+    """The trace of one family by name; `options` are `TraceSizes` fields (lengths, tenants)
+    and the family's own keyword arguments."""
     if family not in FAMILIES:
         raise ValueError(f"unknown trace family {family!r}; choose from {sorted(FAMILIES)}")
-    return FAMILIES[family](duration_s, rate, seed=seed, **options)
+    names = {f.name for f in fields(TraceSizes)}
+    sizes = TraceSizes(**{k: v for k, v in options.items() if k in names})
+    own = {k: v for k, v in options.items() if k not in names}
+    return FAMILIES[family](duration_s, rate, seed=seed, sizes=sizes, **own)
 
 
 # -- the command line ---------------------------------------------------------------------------
