@@ -44,6 +44,8 @@ def test_full_budget_when_no_latency_is_at_stake():
     policy = trained()
     assert policy.limits(snapshot(0, 30, 9000)).max_num_batched_tokens == 2048  # nothing decodes
     assert policy.limits(snapshot(40, 0, 0)).max_num_batched_tokens == 2048  # nothing waits
+    policy.latency_weight = 0.0  # only the queue's latency counts (a setting the config allows)
+    assert policy.limits(snapshot(40, 30, 9000)).max_num_batched_tokens == 2048
 
 
 def test_chunk_minimises_the_stated_cost():

@@ -106,6 +106,21 @@ class StepTimeModel:
         return self.overhead + self.per_token * tokens
 
 
+def optimal_prefill_chunk(
+    waiting: float,
+    waiting_tokens: float,
+    decoding: int,
+    overhead: float,
+    per_token: float,
+    latency_weight: float,
+) -> float:
+    """c* = sqrt(W P (a + b D) / (w D b)): the prefill chunk that minimises the latency cost of
+    `AdaptiveBatchingPolicy` (D > 0 decoding). A latency weight of 0 (only the queue counts)
+    gives an unbounded chunk: the step takes the whole budget."""
+    backlog = waiting * waiting_tokens * (overhead + per_token * decoding)
+    return math.sqrt(backlog / (max(latency_weight, 1e-9) * decoding * max(per_token, 1e-12)))
+
+
 class AdaptiveBatchingPolicy(BatchingPolicy):
     """Sizes each step's prefill chunk by minimising a latency cost on a fitted step time.
 
@@ -138,9 +153,11 @@ class AdaptiveBatchingPolicy(BatchingPolicy):
         budget = self.max_tokens
         decoding, waiting = queue.num_running, queue.num_waiting
         if decoding and waiting:
-            a, b = self.model.overhead, self.model.per_token
-            backlog = waiting * queue.num_waiting_tokens * (a + b * decoding)
-            chunk = math.sqrt(backlog / (self.latency_weight * decoding * b))
+            model = self.model
+            chunk = optimal_prefill_chunk(
+                waiting, queue.num_waiting_tokens, decoding, model.overhead, model.per_token,
+                self.latency_weight,
+            )  # fmt: skip
             budget = min(self.max_tokens, decoding + max(self.min_chunk, int(chunk)))
         self.last_budget = budget
         return BatchLimits(budget, self.max_seqs)

@@ -11,7 +11,10 @@ each step, in the order the scheduler asks:
   tokens it will bring within `horizon_s` are counted as backlog before they arrive, so the
   prefill budget rises ahead of the queue.
 - **Budget.** The adaptive policy's optimum chunk, c* = sqrt(W P (a + b D) / (w D b)), over the
-  waiting plus forecast requests and tokens.
+  waiting plus forecast requests and tokens, then no larger than keeps a step beside the
+  running decodes within `step_slo_factor` x the inter-token SLO.
+- **Sequence cap.** No more sequences than decode within `seq_slo_factor` x that SLO; admission
+  plans by the cap (`sequence_cap()`).
 - **Order.** A waiting request's key is its arrival time plus a delay for its predicted work
   (prompt prefill and an output length predicted online from prompt length and the lengths
   seen), capped at `max_delay_s`: short requests go first, and no request is ever passed by
@@ -37,6 +40,7 @@ from workers.batching_policy import (
     BatchLimits,
     QueueSnapshot,
     StepTimeModel,
+    optimal_prefill_chunk,
 )
 from workers.request import Request
 from workers.step_cost import OnlineStepCost, StepCostModel, StepFeatures
@@ -202,8 +206,9 @@ class LearnedBatchingPolicy(BatchingPolicy):
             return budget
         per_token = max(m.b_prefill, 1e-9)
         if waiting >= 1:
-            backlog = waiting * waiting_tokens * (m.a + per_token * decoding)
-            chunk = math.sqrt(backlog / (max(p.latency_weight, 1e-6) * decoding * per_token))
+            chunk = optimal_prefill_chunk(
+                waiting, waiting_tokens, decoding, m.a, per_token, p.latency_weight
+            )
             budget = min(budget, decoding + max(32, int(chunk)))
         if self.slo_itl_s and p.step_slo_factor:
             decode_only = StepFeatures(0, decoding, queue.num_running_tokens, decoding)
