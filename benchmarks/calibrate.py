@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import checkpoint, machine, print_table
+from benchmarks.scheduling import LENGTHS
 from benchmarks.traces import generate
 from kvstore.sampling_params import SamplingParams
 from workers import Engine, EngineConfig
@@ -67,7 +68,6 @@ def run_steps(engine: Engine, vocab_size: int, seed: int = 0) -> list[tuple[Step
 
 # (trace family, batching policy): a few seconds of serving-like steps each.
 REPLAYS = [("poisson", "fixed"), ("shared_prefix", "adaptive"), ("bursty", "learned")]
-LENGTHS = dict(prompt_tokens=192, output_tokens=48, max_prompt_tokens=1024, max_output_tokens=192)
 
 
 def replay_steps(model: str, duration_s: float, seed: int) -> list[tuple[StepFeatures, float]]:

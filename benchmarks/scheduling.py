@@ -16,6 +16,7 @@ trace that met both SLOs (time to first token, and mean time per output token af
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCostModel) 
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
         "slo": {"ttft_s": settings.slo_ttft_s, "itl_s": settings.slo_itl_s},
-        "step_cost": cost.__dict__ if hasattr(cost, "__dict__") else repr(cost),
+        "step_cost": dataclasses.asdict(cost),
         "runs": runs,
         "simulator_error": errors,
         "learned_decision_us": decision_time_us(args.learned),

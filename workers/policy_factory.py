@@ -10,7 +10,7 @@ from workers.batching_policy import (
     FixedBatchingPolicy,
     StepTimeModel,
 )
-from workers.learned_policy import LearnedBatchingPolicy, LearnedParams
+from workers.learned_policy import DEFAULT_PARAMS_PATH, LearnedBatchingPolicy, LearnedParams
 
 POLICIES = ("fixed", "adaptive", "learned")
 
@@ -31,8 +31,8 @@ def make_batching_policy(
             max_num_batched_tokens, max_num_seqs, step_time, latency_weight
         )
     if kind == "learned":
-        params = learned if isinstance(learned, LearnedParams) else None
-        if params is None:
-            params = LearnedParams.load(learned) if learned else LearnedParams.load()
+        params = learned
+        if not isinstance(params, LearnedParams):
+            params = LearnedParams.load(learned or DEFAULT_PARAMS_PATH)
         return LearnedBatchingPolicy(max_num_batched_tokens, max_num_seqs, step_time, params)
     raise ValueError(f"unknown batching policy {kind!r}; expected one of {', '.join(POLICIES)}")

@@ -85,9 +85,8 @@ def policy_cost(
     for trace in traces:
         result = simulate(trace, "learned", cost, settings, learned=params)
         summary = summarize(result, settings.slo_ttft_s, settings.slo_itl_s)
-        tokens = sum(r.generated for r in result.records) or 1
         missed = 1.0 - summary["good"] / max(1, summary["requests"])
-        total += missed + machine_weight * result.busy_s / tokens * 1e3
+        total += missed + machine_weight * summary["cpu_s_per_mtok"] * 1e-3  # ms per token
     return total / len(traces)
 
 

@@ -66,9 +66,7 @@ class RequestRecord:
 class TimelinePoint:
     t: float
     num_waiting: int
-    num_running: int
     batch_seqs: int  # in the last step
-    batch_tokens: int
 
 
 @dataclass(slots=True)
@@ -169,8 +167,7 @@ def replay(
             # From this iteration's start to the step's end: arrivals and the step's own
             # bookkeeping included, what the simulator's step cost must stand for.
             steps.append((step, clock.now() - started))
-            waiting, running = scheduler.num_waiting, scheduler.num_running
-            timeline.append(TimelinePoint(now, waiting, running, step.num_seqs, step.num_tokens))
+            timeline.append(TimelinePoint(now, scheduler.num_waiting, step.num_seqs))
     busy = getattr(engine, "busy_s", None)
     if busy is None:
         busy = time.process_time() - cpu_start
@@ -187,7 +184,6 @@ def _take(record: RequestRecord, delta: RequestDelta, now: float, engine, admiss
         record.first_token_s = now
         if admission is not None:
             admission.started(record.prompt_tokens)
-        num -= 1
     else:
         record.gaps_s.extend([(now - record.last_token_s) / num] * num)
     record.last_token_s = now

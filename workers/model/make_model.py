@@ -69,8 +69,8 @@ CHAT_TEMPLATE = (
     "<tools></tools>:\\n<tools>' }}\n"
     "{%- for tool in tools %}{{- '\\n' + tool | tojson }}{%- endfor %}\n"
     "{{- '\\n</tools>\\n\\nFor each call, return a JSON object with the function name and "
-    "arguments within <tool_call></tool_call> tags:\\n<tool_call>\\n{\"name\": "
-    "<function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}\n"
+    'arguments within <tool_call></tool_call> tags:\\n<tool_call>\\n{"name": '
+    '<function-name>, "arguments": <args-json-object>}\\n</tool_call><|im_end|>\\n\' }}\n'
     "{%- endif %}\n"
     "{%- for message in messages %}\n"
     "{%- if message['content'] is string %}\n"
