@@ -74,6 +74,8 @@ def run_once(
         admission = admission_for(policy, settings, real.step_time)
         vocab = real.model_config.vocab_size
         result = replay(trace, real, WallClock(), vocab, admission)
+        if real.kv.num_free_blocks != settings.num_blocks:  # every request ended: all freed
+            raise RuntimeError(f"{policy} replay left KV blocks held: the pool is not whole")
     summary = summarize(result, settings.slo_ttft_s, settings.slo_itl_s)
     return {"policy": policy, "engine": engine, **summary}, result
 
