@@ -54,6 +54,11 @@ WEIGHTS = ("hit_weight", "load_weight", "kv_pressure_weight", "affinity_bonus")
 BLOCK_SIZE = 16
 
 
+def pool_blocks(pool_tenants: float, system_len: int) -> int:
+    """A worker's KV blocks: room for `pool_tenants` system prompts of `system_len` tokens."""
+    return math.ceil(pool_tenants * system_len / BLOCK_SIZE)
+
+
 @dataclasses.dataclass(slots=True)
 class Settings:
     """The trace and the cluster; ``--quick`` shrinks the trace."""
@@ -79,21 +84,21 @@ class Settings:
 
     @property
     def num_blocks(self) -> int:
-        return math.ceil(self.pool_tenants * self.system_len / BLOCK_SIZE)
+        return pool_blocks(self.pool_tenants, self.system_len)
 
 
 @dataclasses.dataclass(slots=True)
 class TenantRequest:
     tenant: int
     prompt_ids: list[int]
+    arrival_s: float = 0.0  # the bursty mix's open-loop send time
 
 
 def make_trace(settings: Settings, vocab_size: int) -> list[TenantRequest]:
     """Tenants in a seeded random order, each equally often (up to one request)."""
     rng = random.Random(settings.seed)
-    systems = [
-        random_ids(rng, vocab_size, settings.system_len) for _ in range(settings.num_tenants)
-    ]
+    length, count = settings.system_len, settings.num_tenants
+    systems = [random_ids(rng, vocab_size, length) for _ in range(count)]
     tenants = [i % settings.num_tenants for i in range(settings.num_requests)]
     rng.shuffle(tenants)
     return [
@@ -204,8 +209,9 @@ async def settled(
 
 async def stream_one(
     client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int
-) -> tuple[float, int]:
-    """Stream one completion: (seconds to the first chunk with a choice, completion tokens)."""
+) -> tuple[float, int, float]:
+    """Stream one completion: (seconds to the first chunk with a choice, completion tokens,
+    seconds to the end)."""
     body = {
         "model": model,
         "prompt": prompt,
@@ -229,7 +235,7 @@ async def stream_one(
                 ttft = time.perf_counter() - start
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return ttft, tokens
+    return ttft, tokens, time.perf_counter() - start
 
 
 async def drive(
@@ -240,7 +246,7 @@ async def drive(
     timeout = httpx.Timeout(120.0)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False) as client:
 
-        async def one(prompt: list[int]) -> tuple[float, int]:
+        async def one(prompt: list[int]) -> tuple[float, int, float]:
             async with limit:
                 return await stream_one(client, model, prompt, settings.output_len)
 
@@ -261,8 +267,8 @@ async def drive(
     hits = delta("manta_prefix_cache_hits_total")
     queries = delta("manta_prefix_cache_queries_total")
     generated = delta("manta_generation_tokens_total")
-    ttfts = [ttft for ttft, _ in results]
-    tokens = sum(n for _, n in results)
+    ttfts = [ttft for ttft, _, _ in results]
+    tokens = sum(n for _, n, _ in results)
     return {
         "hit_rate": sum(hits.values()) / sum(queries.values()),
         "ttft_p50_s": percentile(ttfts, 50),
@@ -286,6 +292,211 @@ def serve_policy(
     finally:
         serve.delete("manta-routing")
         kill_index_actor(config.model_name)
+
+
+# -- the bursty multi-tenant mix -----------------------------------------------------------------
+BURSTY_SERVED = ("prefix", "predicted_latency")
+
+
+@dataclasses.dataclass(slots=True)
+class BurstySettings:
+    """Open-loop arrivals: every tenant at a calm rate, and surges in which one tenant (a
+    different one each time, "the launch that goes viral") sends `surge_factor` times the
+    calm rate of the whole mix on its own. Goodput counts the requests within both SLOs."""
+
+    duration_s: float = 40.0
+    num_tenants: int = 8
+    # One core each: on this 2-core machine, more workers would only split the same cores.
+    num_workers: int = 2
+    system_len: int = 256
+    user_len: tuple[int, int] = (16, 64)
+    output_len: int = 32
+    calm_rate: float = 3.0  # requests/s over all tenants
+    surge_factor: float = 8.0  # past one worker's capacity: where the choice of worker matters
+    surge_len_s: float = 4.0
+    calm_len_s: float = 6.0
+    pool_tenants: float = 6.0
+    slo_ttft_s: float = 1.0
+    slo_itl_s: float = 0.1  # mean seconds per output token after the first
+    warmup_requests: int = 64  # unrelated prompts: wake the workers, teach the predictor
+    publish_interval_s: float = 0.2
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BurstySettings:
+        settings = cls(duration_s=16.0, warmup_requests=48) if args.quick else cls()
+        settings.duration_s = args.duration or settings.duration_s
+        settings.calm_rate = args.calm_rate or settings.calm_rate
+        settings.surge_factor = args.surge_factor or settings.surge_factor
+        settings.seed = args.seed
+        return settings
+
+    @property
+    def num_blocks(self) -> int:
+        return pool_blocks(self.pool_tenants, self.system_len)
+
+
+def make_bursty_trace(settings: BurstySettings, vocab_size: int) -> list[TenantRequest]:
+    rng = random.Random(settings.seed)
+    length, count = settings.system_len, settings.num_tenants
+    systems = [random_ids(rng, vocab_size, length) for _ in range(count)]
+    arrivals: list[tuple[float, int]] = []
+
+    def poisson(start: float, end: float, rate: float, tenant: int | None) -> None:
+        t = start + rng.expovariate(rate)
+        while t < end:
+            arrivals.append((t, rng.randrange(settings.num_tenants) if tenant is None else tenant))
+            t += rng.expovariate(rate)
+
+    poisson(0.0, settings.duration_s, settings.calm_rate, None)
+    start = settings.calm_len_s / 2
+    while start < settings.duration_s:
+        end = min(start + settings.surge_len_s, settings.duration_s)
+        viral = rng.randrange(settings.num_tenants)
+        poisson(start, end, settings.calm_rate * settings.surge_factor, viral)
+        start = end + settings.calm_len_s
+    user = [random_ids(rng, vocab_size, rng.randint(*settings.user_len)) for _ in arrivals]
+    return [
+        TenantRequest(tenant, systems[tenant] + own, t)
+        for (t, tenant), own in zip(sorted(arrivals), user)
+    ]
+
+
+def bursty_config(model_dir: Path, settings: BurstySettings, policy: str) -> ClusterConfig:
+    return ClusterConfig(
+        model=str(model_dir),
+        served_model_name=f"routing-{policy}",
+        num_workers=settings.num_workers,
+        num_cpus_per_worker=0.5,
+        publish_interval_s=settings.publish_interval_s,
+        slo_ttft_s=None,  # nothing shed: both policies serve every request, judged by the SLOs
+        engine=dict(block_size=BLOCK_SIZE, num_blocks=settings.num_blocks),
+        router=RouterSettings(policy=policy),
+    )
+
+
+async def drive_bursty(
+    base_url: str, model: str, settings: BurstySettings, trace: list[TenantRequest]
+) -> dict[str, Any]:
+    """Warm up, send each request at its arrival time, and judge each by the SLOs."""
+    rng = random.Random(settings.seed + 1)
+    timeout = httpx.Timeout(120.0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=timeout, trust_env=False, limits=limits
+    ) as client:
+        # Unrelated prompts of every length, 4 at a time: never a tenant's, so caches stay cold.
+        warmup = [
+            [rng.randrange(1, 512) for _ in range(rng.randint(8, settings.system_len))]
+            for _ in range(settings.warmup_requests)
+        ]
+        gate = asyncio.Semaphore(4)
+
+        async def warm(prompt: list[int]) -> None:
+            async with gate:
+                await stream_one(client, model, prompt, settings.output_len)
+
+        await asyncio.gather(*(warm(p) for p in warmup))
+        expected = len(warmup) * settings.output_len
+        before = await settled(client, settings.num_workers, expected)
+        start = time.perf_counter()
+
+        async def one(request: TenantRequest) -> tuple[float, int, float]:
+            await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+            return await stream_one(client, model, request.prompt_ids, settings.output_len)
+
+        results = await asyncio.gather(*(one(r) for r in trace))
+        makespan = time.perf_counter() - start
+        expected += len(trace) * settings.output_len
+        after = await settled(client, settings.num_workers, expected)
+
+    def delta(name: str) -> float:
+        old = before.get(name, {})
+        return sum(v - old.get(w, 0.0) for w, v in after.get(name, {}).items())
+
+    ttfts = [ttft for ttft, _, _ in results]
+    itls = [(total - ttft) / max(1, n - 1) for ttft, n, total in results]
+    good = sum(
+        ttft <= settings.slo_ttft_s and itl <= settings.slo_itl_s for ttft, itl in zip(ttfts, itls)
+    )
+    return {
+        "goodput_rps": good / settings.duration_s,
+        "within_slo": good / len(trace),
+        "hit_rate": delta("manta_prefix_cache_hits_total")
+        / delta("manta_prefix_cache_queries_total"),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "itl_p99_s": percentile(itls, 99),
+        "e2e_p99_s": percentile([total for _, _, total in results], 99),
+        "makespan_s": makespan,
+    }
+
+
+def run_bursty(args: argparse.Namespace) -> dict[str, Any]:
+    settings = BurstySettings.from_args(args)
+    model_dir = Path(args.model) if args.model else checkpoint(args.preset)
+    trace = make_bursty_trace(settings, ModelConfig.from_pretrained(model_dir).vocab_size)
+    policies: dict[str, dict[str, Any]] = {}
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for policy in BURSTY_SERVED:
+            config = bursty_config(model_dir, settings, policy)
+            serve.run(build_app(config), name="manta-routing", route_prefix="/")
+            try:
+                base_url = f"http://127.0.0.1:{port}"
+                policies[policy] = asyncio.run(
+                    drive_bursty(base_url, config.model_name, settings, trace)
+                )
+            finally:
+                serve.delete("manta-routing")
+                kill_index_actor(config.model_name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    base = policies["prefix"]
+    for metrics in policies.values():
+        metrics["goodput_vs_prefix"] = metrics["goodput_rps"] / max(base["goodput_rps"], 1e-9)
+        metrics["hit_rate_vs_prefix"] = metrics["hit_rate"] / max(base["hit_rate"], 1e-9)
+    return {
+        "benchmark": "routing",
+        "mix": "bursty",
+        "model": {"path": str(model_dir)},
+        "settings": {
+            **dataclasses.asdict(settings),
+            "num_blocks": settings.num_blocks,
+            "num_requests": len(trace),
+        },  # fmt: skip
+        "machine": machine(),
+        "policies": policies,
+    }
+
+
+def report_bursty(results: dict[str, Any]) -> None:
+    s, policies = results["settings"], results["policies"]
+    title = (
+        f"Routing, bursty multi-tenant mix: {s['num_requests']} requests over "
+        f"{s['duration_s']:.0f} s, {s['num_tenants']} tenants, {s['num_workers']} workers, "
+        f"surges of {s['surge_factor']:.0f}x from one tenant; SLOs TTFT {s['slo_ttft_s']} s, "
+        f"ITL {s['slo_itl_s']} s; load {results['machine']['load_average_1m']:.2f}"
+    )
+    header = ["policy", "goodput r/s", "in SLO", "hit rate", "TTFT p50", "TTFT p99",
+              "ITL p99", "goodput vs prefix", "hit rate vs prefix"]  # fmt: skip
+    rows = [
+        [policy, f"{m['goodput_rps']:.2f}", f"{m['within_slo']:.0%}", f"{m['hit_rate']:.3f}",
+         fmt(m["ttft_p50_s"]), fmt(m["ttft_p99_s"]), fmt(m["itl_p99_s"]),
+         f"{m['goodput_vs_prefix']:.2f}x", f"{m['hit_rate_vs_prefix']:.2f}x"]
+        for policy, m in policies.items()
+    ]  # fmt: skip
+    print_table(title, header, rows)
+    predicted = policies["predicted_latency"]
+    met = predicted["goodput_vs_prefix"] >= 1.2 and predicted["hit_rate_vs_prefix"] >= 0.95
+    print(
+        "target (predicted-latency >= 1.2x the prefix score's goodput, hit rate >= 0.95x): "
+        f"{'met' if met else 'NOT met'}"
+    )
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -366,14 +577,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for weight in WEIGHTS:
         flag = "--" + weight.replace("_", "-")
         parser.add_argument(flag, type=float, help="router weight (default: RouterSettings)")
+    parser.add_argument(
+        "--mix",
+        choices=["tenants", "bursty"],
+        default="tenants",
+        help="tenants: hit rate of round-robin, prefix and an oracle, closed loop; bursty: "
+        "goodput of the prefix score and predicted latency, open loop with surges",
+    )
+    parser.add_argument("--duration", type=float, help="bursty: seconds of arrivals")
+    parser.add_argument("--calm-rate", type=float, help="bursty: requests/s between surges")
+    parser.add_argument("--surge-factor", type=float, help="bursty: a surge's rate over calm")
     parser.add_argument("--quick", action="store_true", help="a short run on a tiny model")
-    parser.add_argument("--out", default="benchmarks/results/routing.json")
+    parser.add_argument("--out", help="default: benchmarks/results/routing[-bursty].json")
     args = parser.parse_args(argv)
+    suffix = "-bursty" if args.mix == "bursty" else ""
+    args.out = args.out or f"benchmarks/results/routing{suffix}.json"
     args.preset = args.preset or ("tiny" if args.quick else "small")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if parse_args(argv).mix == "bursty":
+        return run_benchmark(argv, parse_args, run_bursty, report_bursty)
     return run_benchmark(argv, parse_args, run, report)
 
 

@@ -71,14 +71,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import time
-
-    from ray import serve
-
-    from cluster.app import build_app
+def serve_config(args: argparse.Namespace):
+    """The cluster's settings from `manta serve`'s flags (and MANTA_API_KEYS)."""
     from cluster.config import ClusterConfig
-    from kvstore.index_actor import kill_index_actor
 
     gpus = args.gpus_per_worker
     if gpus is None:  # one GPU per engine where GPUs are asked for, or this machine has them
@@ -106,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     if args.record_trace:  # absolute: the ingress replica may run in another directory
         given["record_trace"] = str(Path(args.record_trace).resolve())
+    if args.router_policy:
+        given["router"] = {"policy": args.router_policy.replace("-", "_")}
     config = ClusterConfig(
         model=args.model or default_model(),
         served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
@@ -118,6 +115,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine=engine_settings(args),
         **given,
     )
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from ray import serve
+
+    from cluster.app import build_app
+    from kvstore.index_actor import kill_index_actor
+
+    config = serve_config(args)
     address = os.environ.get("RAY_ADDRESS")
     starts_ray = address in (None, "", "local")  # a fresh Ray instance on this machine
     direct = args.direct_ingress if args.direct_ingress is not None else starts_ray
@@ -376,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
         "token counts and timings, never prompt or completion text",
     )
     add_device_flags(p)
+    p.add_argument(
+        "--router-policy",
+        choices=["prefix", "predicted-latency", "round-robin", "least-loaded"],
+        help="how a request's worker is chosen (default prefix: cached prompt blocks against "
+        "load; predicted-latency: the lowest predicted time to first token)",
+    )
     p.add_argument("--kv-cache-mb", type=int, help="KV pool per worker (default: 512 MiB on CPU)")
     p.add_argument("--max-num-seqs", type=int, help="most sequences in one step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, help="most tokens in one step (2048)")

@@ -19,8 +19,10 @@ from workers.engine_config import EngineConfig
 class RouterSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: Literal["prefix", "round_robin", "least_loaded"] = Field(
-        "prefix", description="prefix: cached overlap against load; the others for comparison."
+    policy: Literal["prefix", "predicted_latency", "round_robin", "least_loaded"] = Field(
+        "prefix",
+        description="prefix: cached overlap against load; predicted_latency: the lowest "
+        "predicted time to first token (an online regression); the others for comparison.",
     )
     hit_weight: float = Field(
         1.0, ge=0, description="Score per cached prompt token a worker already holds."
@@ -38,6 +40,12 @@ class RouterSettings(BaseModel):
         96.0,
         ge=0,
         description="Score for the consistent-hash home of a cold prefix, so tenants stick.",
+    )
+    latency_slack_s: float = Field(
+        0.05,
+        ge=0,
+        description="predicted_latency: among workers predicted within this many seconds "
+        "of the fastest, the one holding most of the prompt wins.",
     )
     affinity_prefix_tokens: int = Field(
         64, ge=1, description="Leading prompt tokens that define a tenant for affinity."

@@ -8,6 +8,12 @@ score(worker) = hit_weight x prompt tokens the worker already holds (from the pr
 The home is chosen by rendezvous hashing of the prompt's head over the live worker ids, so a
 tenant sticks to one worker across requests and only moves when that worker goes away.
 
+The `predicted_latency` policy ranks by each worker's predicted time to first token instead
+(router/latency_predictor.py); among the workers within `latency_slack_s` of the fastest it
+keeps the one holding most of the prompt (then the tenant's home), so caches stay warm while
+no request waits much longer than it must. Until its regression has seen enough first tokens
+it ranks by the score above.
+
 `score_workers` is pure and tested alone; `PrefixAwareRequestRouter` plugs it into Ray Serve.
 """
 
@@ -22,6 +28,7 @@ import xxhash
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from kvstore.messages import GenerateRequest, RoutingHint
+from router.latency_predictor import LatencyPredictor
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +83,37 @@ def rank(scores: dict[str, float]) -> list[str]:
     return sorted(scores, key=lambda w: (-scores[w], w))
 
 
+def rank_by_latency(
+    predicted: dict[str, float], hint: RoutingHint | None, slack_s: float
+) -> list[str]:
+    """Fastest first, but among those within `slack_s` of the fastest: most cached blocks,
+    then the tenant's home (when no worker holds the prompt), then the faster."""
+    matched = hint.matched_blocks if hint is not None else {}
+    workers = list(predicted)
+    cold = not any(matched.get(w, 0) for w in workers)
+    home = rendezvous_home(hint.affinity_key, workers) if hint is not None and cold else None
+    best = min(predicted.values())
+
+    def key(worker: str):
+        near = predicted[worker] <= best + slack_s
+        if not near:
+            return (1, 0, 0, predicted[worker], worker)
+        return (0, -matched.get(worker, 0), worker != home, predicted[worker], worker)
+
+    return sorted(workers, key=key)
+
+
 class PrefixAwareRequestRouter(RequestRouter):
     """Ray Serve request router over worker replicas; never raises (a raise hangs a request)."""
 
-    def initialize_state(self, policy: str = "prefix", **weights: float) -> None:
+    def initialize_state(
+        self, policy: str = "prefix", latency_slack_s: float = 0.05, **weights: float
+    ) -> None:
         self.policy = policy
         self.weights = RoutingWeights(**weights)
+        self.latency_slack_s = latency_slack_s
+        self.predictor = LatencyPredictor()
+        self._predicting = False  # the fit has been trusted once (and that was logged)
         self._in_flight: defaultdict[str, int] = defaultdict(int)
         self._round_robin = itertools.count()
 
@@ -127,27 +159,68 @@ class PrefixAwareRequestRouter(RequestRouter):
             ids = sorted(by_id)
             start = next(self._round_robin) % len(ids)
             return [[by_id[w]] for w in ids[start:] + ids[:start]]
-        hint = None
-        if self.policy == "prefix" and pending_request is not None:
-            hint = _routing_hint(pending_request)
-        scores = score_workers(list(by_id), hint, self._loads(replicas), self.weights)
+        request = _generate_request(pending_request) if pending_request is not None else None
+        hint = request.routing if request is not None else None
+        if self.policy not in ("prefix", "predicted_latency"):
+            hint = None
+        loads = self._loads(replicas)
+        if self.policy == "predicted_latency":
+            for replica in replicas:
+                reports = (replica.routing_stats or {}).get("first_tokens") or []
+                self.predictor.first_tokens(reports)
+            if request is not None:
+                predicted = self._predict(request, loads)  # learned from even before it is used
+                if self.predictor.ready:
+                    self._log_once()
+                    ranked = rank_by_latency(predicted, hint, self.latency_slack_s)
+                    return [[by_id[w]] for w in ranked]
+        scores = score_workers(list(by_id), hint, loads, self.weights)
         return [[by_id[w]] for w in rank(scores)]
 
+    def _log_once(self) -> None:
+        if not self._predicting:
+            self._predicting = True
+            theta = ", ".join(f"{v:.3g}" for v in self.predictor.regression.theta)
+            logger.info("predicted-latency routing on: TTFT fit [%s]", theta)
+
+    def _predict(self, request: GenerateRequest, loads: dict[str, WorkerLoad]):
+        hint = request.routing
+        matched = hint.matched_blocks if hint is not None else {}
+        block_size = hint.block_size if hint is not None else 0
+        num_prompt = len(request.prompt_token_ids)
+        workers = {
+            worker: (
+                max(0, num_prompt - matched.get(worker, 0) * block_size),
+                load.in_flight,
+                load.kv_usage,
+            )
+            for worker, load in loads.items()
+        }
+        return self.predictor.predict_workers(request.request_id, workers)
+
     def on_request_routed(self, pending_request, replica_id: ReplicaID, result) -> None:
-        self._in_flight[replica_id.unique_id] += 1
+        worker = replica_id.unique_id
+        self._in_flight[worker] += 1
+        if self.policy == "predicted_latency":
+            request = _generate_request(pending_request)
+            if request is not None:
+                call_id = pending_request.metadata.internal_request_id
+                self.predictor.chose(request.request_id, worker, call_id)
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         worker = replica_id.unique_id
         if self._in_flight.get(worker, 0) > 0:
             self._in_flight[worker] -= 1
+        self.predictor.call_completed(internal_request_id)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id.unique_id, None)
+        self.predictor.forget_worker(replica_id.unique_id)
 
 
-def _routing_hint(pending_request: PendingRequest) -> RoutingHint | None:
+def _generate_request(pending_request: PendingRequest) -> GenerateRequest | None:
     for arg in list(pending_request.args) + list(pending_request.kwargs.values()):
         if isinstance(arg, GenerateRequest):
-            return arg.routing
+            return arg
     return None

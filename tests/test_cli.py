@@ -68,3 +68,12 @@ def test_serve_takes_the_batching_policy_into_the_engine_settings(tmp_path):
     assert settings["batching"] == "learned"
     assert settings["learned_policy"] == str((tmp_path / "p.json").resolve())
     assert "batching" not in engine_settings(build_parser().parse_args(["serve"]))
+
+
+def test_serve_takes_the_router_policy(tmp_path):
+    from cluster.cli import build_parser, serve_config
+
+    parse = build_parser().parse_args
+    args = parse(["serve", "--router-policy", "predicted-latency", "--workers", "2"])
+    assert serve_config(args).router.policy == "predicted_latency"
+    assert serve_config(parse(["serve"])).router.policy == "prefix"

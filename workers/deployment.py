@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from ray import serve
@@ -70,6 +71,9 @@ class Worker:
         self.reports = reports
         self.max_in_flight = max_in_flight  # requests running or queued here at once
         self._in_flight = 0
+        # (request id, seconds to its first token) of the latest requests, for routers that
+        # learn to predict it (router/latency_predictor.py); a routing-stats period's worth.
+        self._first_tokens: deque[tuple[str, float]] = deque(maxlen=256)
         self.publish_interval_s = publish_interval_s
         self.stream_interval_s = stream_interval_s
         # Hot system-prompt KV is shared through Redis when the cluster has one.
@@ -103,11 +107,12 @@ class Worker:
         num_prompt = len(request.prompt_token_ids)
         self._in_flight += 1
         self.admission.admitted(num_prompt, request.sampling.max_tokens)
-        waiting = True
+        waiting, received = True, time.perf_counter()
         try:
             async for delta in self._generate(request):
                 if waiting:
                     self.admission.started(num_prompt)
+                    self._first_tokens.append((request.request_id, time.perf_counter() - received))
                     waiting = False
                 yield delta
         finally:
@@ -181,12 +186,13 @@ class Worker:
             self.load_cost.observe(got, time.perf_counter() - started)
         return payloads or None
 
-    def routing_stats(self) -> dict[str, float]:
+    def routing_stats(self) -> dict:
         stats = self.engine.stats()
         return {
             "num_running": stats["num_requests_running"],
             "num_waiting": stats["num_requests_waiting"],
             "kv_usage": stats["kv_cache_usage"],
+            "first_tokens": [list(pair) for pair in self._first_tokens],
         }
 
     def stats(self) -> dict:
@@ -235,7 +241,7 @@ class WorkerDeployment:
         async for delta in self.worker.generate(request):
             yield delta
 
-    def record_routing_stats(self) -> dict[str, float]:
+    def record_routing_stats(self) -> dict:
         return self.worker.routing_stats()
 
     async def stats(self) -> dict:
