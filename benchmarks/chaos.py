@@ -36,7 +36,7 @@ from benchmarks.common import checkpoint, machine, percentile, print_table, writ
 from benchmarks.compare_procs import Server, free_port, start_server, stop_server
 from benchmarks.redis_server import RedisServer
 
-STATUS_RE = re.compile(r'^manta_(\w+?)(?:_total)?{worker="([^"]+)"} (\S+)$', re.M)
+STATUS_RE = re.compile(r'^manta_(\w+?)(?:_total)?{[^}]*worker="([^"]+)"[^}]*} (\S+)$', re.M)
 
 
 # -- one request -------------------------------------------------------------------------------
@@ -278,7 +278,7 @@ async def wait_workers(
 def recoveries(base: str) -> dict[str, float]:
     """`manta_request_recoveries_total` by kind: retried before the first token, or migrated."""
     text = httpx.get(base + "/metrics", timeout=10).text
-    found = re.findall(r'^manta_request_recoveries_total{kind="(\w+)"} (\S+)$', text, re.M)
+    found = re.findall(r'^manta_request_recoveries_total{[^}]*kind="(\w+)"[^}]*} (\S+)$', text, re.M)
     return {kind: float(value) for kind, value in found}
 
 

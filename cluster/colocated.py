@@ -21,7 +21,7 @@ from kvstore.messages import GenerateRequest, RequestDelta
 from kvstore.worker_reports import WorkerReports
 from router.frontend import Frontend
 from router.ingress import serve_app
-from workers.deployment import Worker
+from workers.deployment import Worker, replica_name
 from workers.engine import EngineConfig
 
 
@@ -52,10 +52,11 @@ class ColocatedServer:
         model_id = frontend["model_id"]
         index = make_index(redis_url, model_id, index_ttl_s)  # in-process without Redis
         reports = WorkerReports()  # the one worker reports to the frontend beside it
-        replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
         self.worker = Worker(
-            engine_config, replica_id, index, reports, model_id, redis_url, **options
-        )
+            engine_config, context.replica_id.unique_id, index, reports, model_id, redis_url,
+            worker_name=replica_name(context), **options,
+        )  # fmt: skip
         self._frontend = Frontend(
             tokenizer_factory(), LocalBackend(self.worker), index, reports=reports, **frontend
         )

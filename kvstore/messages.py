@@ -58,6 +58,11 @@ class RequestDelta:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     worker_id: str = ""  # set by the worker deployment that streamed it
+    # On the finishing delta: seconds the request waited in the worker's queue, from its first
+    # scheduling to its first token (prefill), and from there to its end (decode).
+    queue_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
     def merge(self, later: RequestDelta) -> None:
         """Fold the next delta of the same request into this one (a slow reader then gets
@@ -69,6 +74,7 @@ class RequestDelta:
         self.finished, self.finish_reason = later.finished, later.finish_reason
         self.num_output_tokens = later.num_output_tokens
         self.num_cached_tokens = later.num_cached_tokens
+        self.queue_s, self.prefill_s, self.decode_s = later.queue_s, later.prefill_s, later.decode_s
 
 
 class RequestRejectedError(ValueError):

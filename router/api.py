@@ -68,11 +68,15 @@ class ServerState:
     auth: Authenticator = field(default_factory=lambda: Authenticator({}))
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(None, 1))
     limits: RequestLimits = field(default_factory=RequestLimits)
-    metrics: Metrics = field(default_factory=Metrics)
+    metrics: Metrics | None = None  # None: Metrics labelled with the frontend's model name
     # Why the server cannot serve now (no live worker), or None: /health and /ready ask it.
     liveness: Callable[[], Awaitable[str | None]] | None = None
     gate: FirstTokenGate = field(default_factory=lambda: FirstTokenGate(None))
     recorder: TrafficRecorder | None = None  # `--record-trace`: the traffic, as a trace
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = Metrics(self.frontend.model_name)
 
 
 class HTTPError(Exception):
@@ -131,7 +135,7 @@ def _error_response(request: Request, error: HTTPError) -> JSONResponse:
     if error.status == 429:
         wait = error.retry_after if error.retry_after is not None else state.retry_after_s
         headers["Retry-After"] = str(max(1, round(wait)))
-    state.metrics.requests.labels(str(error.status)).inc()
+    state.metrics.count_status(error.status)
     return JSONResponse(
         error_body(str(error), error.type, error.param, error.code), error.status, headers=headers
     )
@@ -236,7 +240,8 @@ async def _parse(request: Request, model_cls):
 
 
 async def _timed(stream: AsyncIterator[RequestDelta], metrics: Metrics, start: float):
-    """Observe time to first token and inter-token latency as the deltas pass."""
+    """Observe time to first token, inter-token latency and, at the end, the end-to-end
+    time and the worker's phase times, as the deltas pass."""
     last = None
     async for delta in stream:
         now = time.perf_counter()
@@ -246,6 +251,8 @@ async def _timed(stream: AsyncIterator[RequestDelta], metrics: Metrics, start: f
             else:
                 metrics.itl.observe((now - last) / len(delta.new_token_ids))
             last = now
+        if delta.finished:
+            metrics.observe_finished(delta, now - start)
         yield delta
 
 
@@ -348,10 +355,16 @@ async def _respond(
                 formatter.add(*first)
             async for index, delta in merged:
                 formatter.add(index, delta)
+        except BaseException as error:
+            client_left = isinstance(error, asyncio.CancelledError)
+            metrics.count_finished(["abort" if client_left else "error"] * len(subs))
+            raise
         finally:
             await merged.aclose()
-        metrics.requests.labels("200").inc()
-        return JSONResponse(formatter.response())
+        metrics.count_status(200)
+        response = formatter.response()
+        metrics.count_finished(formatter.finish_reasons())
+        return JSONResponse(response)
 
     async def events() -> AsyncIterator[str]:
         try:
@@ -363,10 +376,15 @@ async def _respond(
                     yield f"data: {chunk}\n\n"
             if body.include_usage:
                 yield f"data: {formatter.usage_chunk()}\n\n"
-            metrics.requests.labels("200").inc()
+            metrics.count_status(200)
+            metrics.count_finished(formatter.finish_reasons())
         except Exception as error:
+            metrics.count_finished(["error"] * len(subs))
             http = _as_http_error(error)
             yield f"data: {json.dumps(error_body(str(http), http.type, http.param, http.code))}\n\n"
+        except BaseException:  # the client left: the stream is closed or cancelled
+            metrics.count_finished(["abort"] * len(subs))
+            raise
         finally:
             await merged.aclose()
         yield "data: [DONE]\n\n"
@@ -386,7 +404,7 @@ def create_app(state: ServerState) -> FastAPI:
             error_body(str(error.detail), kind), error.status_code, headers=error.headers
         )
 
-    state.frontend.on_recovery = lambda kind: state.metrics.recoveries.labels(kind).inc()
+    state.frontend.on_recovery = state.metrics.count_recovery
     state.metrics.first_token_limit.set_function(lambda: state.gate.limit)
     state.metrics.waiting_first_token.set_function(lambda: state.gate.waiting)
 

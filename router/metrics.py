@@ -53,62 +53,120 @@ WORKER_METRICS = {
 }  # fmt: skip
 
 
+FINISH_REASONS = ("stop", "length", "abort", "error", "tool_calls")
+
+
 class _WorkerCollector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self):
         reports = self.metrics.latest_worker_stats()
+        model = self.metrics.model_name
         for key, (name, kind, doc) in WORKER_METRICS.items():
             family_cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             base = name.removesuffix("_total") if kind == "counter" else name
-            family = family_cls(base, doc, labels=["worker"])
+            family = family_cls(base, doc, labels=["model_name", "worker"])
             for report in reports:
                 value = report.get(key, 0)
                 if isinstance(value, (int, float)):  # an index entry is data, never trusted
-                    family.add_metric([str(report.get("worker_id", ""))], float(value))
+                    family.add_metric([model, worker_label(report)], float(value))
             yield family
 
 
+def worker_label(report: dict) -> str:
+    """The readable name a worker reports (its node and replica rank), else its id."""
+    name = report.get("worker_name")
+    return name if isinstance(name, str) and name else str(report.get("worker_id", ""))
+
+
 class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            "manta_time_to_first_token_seconds",
-            "Seconds from request arrival to its first token.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+    """The front's metrics, every one labelled with the served model's name (`model_name`)."""
+
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
+        self.registry = registry = CollectorRegistry()
+        model = ["model_name"]
+
+        def histogram(name: str, doc: str):
+            return Histogram(name, doc, model, buckets=LATENCY_BUCKETS, registry=registry).labels(
+                model_name
+            )
+
+        self.ttft = histogram(
+            "manta_time_to_first_token_seconds", "Seconds from request arrival to its first token."
         )
-        self.itl = Histogram(
+        self.itl = histogram(
             "manta_inter_token_latency_seconds",
             "Seconds between consecutive streamed tokens of a request.",
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
-        self.requests = Counter(
-            "manta_requests",
-            "Requests finished, by HTTP status.",
-            labelnames=["status"],
-            registry=self.registry,
+        self.e2e = histogram(
+            "manta_e2e_request_latency_seconds", "Seconds from request arrival to its last token."
         )
-        self.recoveries = Counter(
+        self.queue_time = histogram(
+            "manta_request_queue_time_seconds", "Seconds a request waited in its worker's queue."
+        )
+        self.prefill_time = histogram(
+            "manta_request_prefill_time_seconds",
+            "Seconds from a request's first scheduling to its first token.",
+        )
+        self.decode_time = histogram(
+            "manta_request_decode_time_seconds", "Seconds from a request's first token to its end."
+        )
+        self.prompt_tokens = Counter(
+            "manta_prompt_tokens", "Prompt tokens of finished engine requests.", model,
+            registry=registry,
+        ).labels(model_name)  # fmt: skip
+        self._success = Counter(
+            "manta_request_success",
+            "Choices finished, by finish reason (stop, length, abort, error, tool_calls).",
+            [*model, "finish_reason"],
+            registry=registry,
+        )
+        self._requests = Counter(
+            "manta_requests", "Requests finished, by HTTP status.", [*model, "status"],
+            registry=registry,
+        )  # fmt: skip
+        self._recoveries = Counter(
             "manta_request_recoveries",
             "Requests whose worker failed: retried before the first token, or migrated after.",
-            labelnames=["kind"],
-            registry=self.registry,
+            [*model, "kind"],
+            registry=registry,
         )
         self.first_token_limit = Gauge(
             "manta_router_first_token_limit",
             "Requests the router lets wait for their first token at once (learned from TTFTs).",
-            registry=self.registry,
-        )
+            model,
+            registry=registry,
+        ).labels(model_name)
         self.waiting_first_token = Gauge(
             "manta_router_waiting_first_token",
             "Requests admitted by the router that have no first token yet.",
-            registry=self.registry,
-        )
+            model,
+            registry=registry,
+        ).labels(model_name)
         self._worker_stats: dict[str, dict] = {}
-        self.registry.register(_WorkerCollector(self))
+        registry.register(_WorkerCollector(self))
+
+    def count_status(self, status: int | str) -> None:
+        self._requests.labels(self.model_name, str(status)).inc()
+
+    def count_recovery(self, kind: str) -> None:
+        self._recoveries.labels(self.model_name, kind).inc()
+
+    def count_finished(self, reasons: list[str]) -> None:
+        for reason in reasons:
+            self._success.labels(
+                self.model_name, reason if reason in FINISH_REASONS else "stop"
+            ).inc()
+
+    def observe_finished(self, delta, e2e_s: float) -> None:
+        """A choice's last delta: its end-to-end time, the worker's phase times, its prompt."""
+        self.e2e.observe(e2e_s)
+        self.queue_time.observe(delta.queue_s)
+        self.prefill_time.observe(delta.prefill_s)
+        self.decode_time.observe(delta.decode_s)
+        self.prompt_tokens.inc(delta.num_prompt_tokens)
 
     def set_worker_stats(self, reports: dict[str, dict]) -> None:
         self._worker_stats = {

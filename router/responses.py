@@ -36,7 +36,8 @@ from router.tool_calls import CallPiece, ToolCallScanner
 @dataclass(slots=True)
 class _Choice:
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # the worker's
+    reported_reason: str | None = None  # what the client was told (tool_calls, for one)
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -79,6 +80,10 @@ class _Formatter:
 
     def add(self, index: int, delta: RequestDelta) -> None:
         self._record(index, delta)
+
+    def finish_reasons(self) -> list[str]:
+        """Each choice's finish reason as the client got it, for /metrics."""
+        return [c.reported_reason or c.finish_reason or "stop" for c in self.choices]
 
 
 class CompletionFormatter(_Formatter):
@@ -195,6 +200,7 @@ class ChatFormatter(_Formatter):
         choices = []
         for i, c in enumerate(self.choices):
             message, reason = self._message(c)
+            c.reported_reason = reason
             logprobs = self._logprobs(c.logprobs)
             choices.append(
                 ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason)
@@ -240,6 +246,7 @@ class ChatFormatter(_Formatter):
             )
         if delta.finished:
             reason = self._finish_reason(delta.finish_reason, scanner)
+            self.choices[index].reported_reason = reason
             last = ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=reason)
             out.append(self._chunk(last))
         return out

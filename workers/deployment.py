@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 
+import ray
 from ray import serve
 
 from kvstore.block_store import BlockStore
@@ -55,6 +56,7 @@ class Worker:
         stream_interval_s: float = 0.0,
         slo_ttft_s: float | None = None,
         slo_itl_s: float | None = None,
+        worker_name: str | None = None,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
         # Policies that plan by the SLOs (batching="learned") learn them here.
@@ -67,6 +69,7 @@ class Worker:
             slo_itl_s,
         )
         self.worker_id = worker_id
+        self.worker_name = worker_name or worker_id  # the `worker` label in /metrics
         self.index = index
         self.reports = reports
         self.max_in_flight = max_in_flight  # requests running or queued here at once
@@ -196,7 +199,8 @@ class Worker:
         }
 
     def stats(self) -> dict:
-        stats = {"worker_id": self.worker_id, **self.engine.stats()}
+        stats = {"worker_id": self.worker_id, "worker_name": self.worker_name}
+        stats.update(self.engine.stats())
         stats["num_requests_shed"] = self.admission.num_refused
         if self.block_store is not None:
             stats["kv_store_corrupt"] = self.block_store.num_corrupt
@@ -232,10 +236,11 @@ class WorkerDeployment:
         )
         # Reports go through Ray, not Redis: /metrics keeps every worker during a Redis outage.
         reports = ActorWorkerReports(namespace, index_ttl_s)
-        replica_id = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
         self.worker = Worker(
-            engine_config, replica_id, index, reports, namespace, redis_url, **options
-        )
+            engine_config, context.replica_id.unique_id, index, reports, namespace, redis_url,
+            worker_name=replica_name(context), **options,
+        )  # fmt: skip
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         async for delta in self.worker.generate(request):
@@ -252,3 +257,12 @@ class WorkerDeployment:
 
     async def __del__(self) -> None:
         await self.worker.close()
+
+
+def replica_name(context) -> str:
+    """`<node ip>/worker-<rank>`: readable, and kept by the replica that replaces a dead one
+    (Serve gives it the free rank), unlike the replica's random id."""
+    rank = getattr(context, "rank", None)
+    index = getattr(rank, "rank", None)
+    suffix = f"worker-{index}" if index is not None else context.replica_id.unique_id
+    return f"{ray.util.get_node_ip_address()}/{suffix}"

@@ -7,6 +7,8 @@ whose text reached one of its stop strings so the engine can finish it.
 
 from __future__ import annotations
 
+import time
+
 from kvstore.messages import RequestDelta, TokenLogprobs
 from workers.model.tokenizer import Tokenizer
 from workers.request import Request, RequestStatus
@@ -73,4 +75,18 @@ def make_delta(
         num_output_tokens=state.num_emitted,
         num_cached_tokens=request.num_cached_tokens,
     )
+    if delta.finished:
+        delta.queue_s, delta.prefill_s, delta.decode_s = phase_times(request)
     return delta, stopped
+
+
+def phase_times(request) -> tuple[float, float, float]:
+    """(queue, prefill, decode) seconds of a finished request; 0 for a phase it never reached
+    (a request stopped by its first token has no decode; an aborted one may have no prefill)."""
+    end = request.finished_time if request.finished_time is not None else time.monotonic()
+    scheduled = request.first_scheduled_time
+    first = request.first_token_time
+    queue = (scheduled if scheduled is not None else end) - request.arrival_time
+    prefill = (first if first is not None else end) - scheduled if scheduled is not None else 0.0
+    decode = end - first if first is not None else 0.0
+    return max(0.0, queue), max(0.0, prefill), max(0.0, decode)

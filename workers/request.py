@@ -41,6 +41,10 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     num_preemptions: int = 0
+    # On the scheduler's clock, for the queue / prefill / decode times in /metrics.
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
     # Chained hashes of every full block of token_ids (kvstore.hashing), grown as tokens are
     # appended: the prefix cache, KV sharing and the draft model read them, never rehash.
     block_hashes: list[int] = field(default_factory=list)

@@ -142,6 +142,7 @@ class Scheduler:
             self._num_waiting -= 1
             self._waiting_tokens -= request.num_tokens - request.num_computed_tokens
         request.status = status
+        request.finished_time = self.clock()
         self._requests.pop(request.request_id, None)
         self.kv.free(request.request_id)
         self.policy.finished(request)
@@ -201,13 +202,21 @@ class Scheduler:
         for request, tokens, num_new in zip(out.requests, sampled, out.num_scheduled_tokens):
             start = request.num_computed_tokens
             computed = request.num_computed_tokens = start + num_new
-            status = request.append_token_ids(tokens) if tokens else None
+            status = self._take_tokens(request, tokens)
             if computed // size > start // size:  # a block filled: cache it
                 kv.commit(request.request_id, request.token_ids, computed, request.block_hashes)
             if status is not None:
                 self.finish(request, status)
                 finished.append(request)
         return finished
+
+    def _take_tokens(self, request: Request, tokens: list[int]) -> RequestStatus | None:
+        """Append a step's sampled tokens; the finish status they cause, if any."""
+        if not tokens:
+            return None
+        if request.first_token_time is None:
+            request.first_token_time = self.clock()
+        return request.append_token_ids(tokens)
 
     def _update_verified(self, out: SchedulerOutput, sampled: list[list[int]]) -> list[Request]:
         """`update_from_output` for a step that verified speculative drafts."""
@@ -216,7 +225,7 @@ class Scheduler:
         steps = zip(out.requests, sampled, out.num_scheduled_tokens)
         for i, (request, tokens, num_new) in enumerate(steps):
             drafts = drafted.get(i)
-            status = request.append_token_ids(tokens) if tokens else None
+            status = self._take_tokens(request, tokens)
             start = request.num_computed_tokens
             computed = start + num_new
             if drafts:
@@ -313,6 +322,8 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = match.num_cached_tokens
             request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = self.clock()
             bisect.insort(self.running, request, key=Request.sort_key)
             out.requests.append(request)
             out.num_scheduled_tokens.append(num_new)

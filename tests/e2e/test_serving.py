@@ -35,7 +35,7 @@ def offline(tiny_model) -> LLM:
 
 def worker_metric(served, name: str) -> dict[str, float]:
     text = httpx.get(served.base_url + "/metrics").text
-    pattern = rf'^{name}{{worker="([^"]+)"}} ([0-9.e+-]+)$'
+    pattern = rf'^{name}{{[^}}]*worker="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
     return {w: float(v) for w, v in re.findall(pattern, text, flags=re.M)}
 
 
