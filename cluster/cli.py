@@ -439,7 +439,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", help="parameters to start from (default: the shipped ones)")
     p.set_defaults(func=cmd_train_scheduler)
+
+    p = sub.add_parser("status", help="workers and the prefix index of a running `manta serve`")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument("--json", action="store_true", help="print the raw answer of GET /status")
+    p.set_defaults(func=cmd_status)
     return parser
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    import httpx
+
+    from router.status import render
+
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/status", timeout=10, trust_env=False)
+        response.raise_for_status()
+    except httpx.HTTPError as error:
+        print(f"manta: error: no status from {args.url}: {error}", file=sys.stderr)
+        return 1
+    answer = response.json()
+    print(json.dumps(answer, indent=2) if args.json else render(answer))
+    return 0
 
 
 def add_device_flags(p: argparse.ArgumentParser) -> None:

@@ -46,6 +46,11 @@ class PrefixIndex(ABC):
     async def close(self) -> None:
         """Release connections; the index is unusable afterwards."""
 
+    @abstractmethod
+    async def describe(self) -> dict:
+        """For `manta status`: {"backend", "reachable", "workers", "entries"} (entries: the
+        (block, worker) pairs held; None when the backend could not say)."""
+
 
 def longest_prefixes(
     holders_per_block: Iterable[Iterable[str]], live: Callable[[str], bool]
@@ -115,6 +120,11 @@ class InMemoryPrefixIndex(PrefixIndex):
             (self._holders.get(block_hash, empty) for block_hash in block_hashes),
             lambda worker: self._last_seen.get(worker, cutoff) > cutoff,
         )
+
+    async def describe(self) -> dict:
+        entries = sum(len(blocks) for blocks in self._blocks.values())
+        return {"backend": "in-process", "reachable": True, "workers": len(self._last_seen),
+                "entries": entries}  # fmt: skip
 
     async def close(self) -> None:
         self._holders.clear()

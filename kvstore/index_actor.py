@@ -48,6 +48,9 @@ class PrefixIndexActor:
     async def match(self, block_hashes: list[int]) -> dict[str, int]:
         return await self.index.match(block_hashes)
 
+    async def describe(self) -> dict:
+        return {**await self.index.describe(), "backend": "ray-actor"}
+
 
 def actor_name(namespace: str) -> str:
     return f"manta-prefix-index:{namespace}"
@@ -88,6 +91,10 @@ class ActorPrefixIndex(_ActorClient, PrefixIndex):
 
     async def match(self, block_hashes: Sequence[int]) -> dict[str, int]:
         return await self._call("match", list(block_hashes), default={})
+
+    async def describe(self) -> dict:
+        unreachable = {"backend": "ray-actor", "reachable": False, "workers": None, "entries": None}
+        return await self._call("describe", default=unreachable)
 
     async def close(self) -> None:
         return None

@@ -139,6 +139,18 @@ class RedisPrefixIndex(PrefixIndex):
         live = set(replies[0])
         return longest_prefixes(replies[1:], live.__contains__)
 
+    async def describe(self) -> dict:
+        """Asks Redis itself (not the back-off state), so it tells whether Redis answers now."""
+        try:
+            workers = await self._redis.zrange(self._live_key, 0, -1)
+            pipe = self._redis.pipeline(transaction=False)
+            for worker in workers:
+                pipe.scard(self._worker_key(worker))
+            entries = sum(await pipe.execute()) if workers else 0
+        except (RedisError, OSError):
+            return {"backend": "redis", "reachable": False, "workers": None, "entries": None}
+        return {"backend": "redis", "reachable": True, "workers": len(workers), "entries": entries}
+
     async def close(self) -> None:
         await self._redis.aclose()
 

@@ -47,6 +47,7 @@ from router.protocol import (
 )
 from router.recorder import TrafficRecorder
 from router.responses import ChatFormatter, CompletionFormatter
+from router.status import status
 
 logger = logging.getLogger(__name__)
 
@@ -470,6 +471,13 @@ def create_app(state: ServerState) -> FastAPI:
         return await unavailable() or JSONResponse(
             {"status": "ready", "model": state.frontend.model_name}
         )
+
+    @app.get("/status")
+    async def server_status(request: Request) -> JSONResponse:
+        """Workers and the prefix index at a glance (what `manta status` prints)."""
+        frontend = state.frontend
+        reports, index = await asyncio.gather(frontend.worker_stats(), frontend.index_status())
+        return JSONResponse(status(frontend.model_name, reports, index))
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

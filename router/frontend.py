@@ -146,6 +146,10 @@ class Frontend:
         """Each live worker's last reported stats, for /metrics."""
         return await self.reports.worker_stats()
 
+    async def index_status(self) -> dict:
+        """The prefix index's backend, whether it answers, and what it holds (`manta status`)."""
+        return await self.index.describe()
+
     # -- dispatch ---------------------------------------------------------------------------
     async def stream(self, request: GenerateRequest) -> AsyncIterator[RequestDelta]:
         """The request's deltas. A worker that dies before the first token is retried; one

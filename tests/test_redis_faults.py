@@ -160,3 +160,21 @@ async def proxy_flush(proxy) -> None:
     direct = aioredis.Redis.from_url(proxy.redis.url)
     await direct.flushdb()
     await direct.aclose()
+
+
+def test_status_tells_whether_redis_answers_now(proxy):
+    """`describe` (what `manta status` shows) counts what the index holds, and says so at
+    once when Redis stops answering and again when it is back."""
+
+    async def main():
+        index = RedisPrefixIndex(proxy.url, "status", socket_timeout_s=0.2, retry_interval_s=5)
+        await index.publish("w1", [BlockStored((11, 12, 13))])
+        await index.publish("w2", [BlockStored((11,))])
+        described = await index.describe()
+        assert described == {"backend": "redis", "reachable": True, "workers": 2, "entries": 4}
+        proxy.frozen = True
+        assert (await index.describe())["reachable"] is False
+        proxy.frozen = False
+        assert (await index.describe())["reachable"] is True  # not held back by the back-off
+
+    asyncio.run(asyncio.wait_for(main(), 30))

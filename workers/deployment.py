@@ -199,7 +199,8 @@ class Worker:
         }
 
     def stats(self) -> dict:
-        stats = {"worker_id": self.worker_id, "worker_name": self.worker_name}
+        device = str(self.engine.engine.device)
+        stats = {"worker_id": self.worker_id, "worker_name": self.worker_name, "device": device}
         stats.update(self.engine.stats())
         stats["num_requests_shed"] = self.admission.num_refused
         if self.block_store is not None:

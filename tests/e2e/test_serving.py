@@ -4,7 +4,10 @@ offline engine, prefix-aware routing, OpenAI-style errors, overload, disconnects
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -355,3 +358,32 @@ def test_tool_calls_hold_in_the_served_cluster(served, client):
     answer = client.chat.completions.create(messages=history, **kwargs).choices[0]
     assert answer.finish_reason in ("stop", "length", "tool_calls")
     wait_pools_whole(served)
+
+
+def test_worker_labels_are_node_and_rank(served):
+    """Readable and stable: `<node ip>/worker-<rank>`, one rank per replica."""
+    labels = sorted(worker_metric(served, "manta_kv_cache_usage_ratio"))
+    assert len(labels) == 2
+    assert all(re.fullmatch(r"\d+\.\d+\.\d+\.\d+/worker-\d+", label) for label in labels), labels
+    assert {label.rsplit("-", 1)[1] for label in labels} == {"0", "1"}
+
+
+def test_manta_status_lists_workers_and_the_index(served, client):
+    client.completions.create(model=served.name, prompt="status " * 40, max_tokens=2)
+    command = [sys.executable, "-m", "cluster.cli", "status", "--url", served.base_url]
+    deadline = time.time() + 10
+    while True:  # the index holds the prompt's blocks after the workers' next publish
+        answer = json.loads(subprocess.run(
+            [*command, "--json"], capture_output=True, text=True, check=True, timeout=60
+        ).stdout)  # fmt: skip
+        index = answer["prefix_index"]
+        if index["entries"] or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    assert index["backend"] == ("redis" if served.redis else "ray-actor")
+    assert index["reachable"] is True and index["entries"] > 0
+    assert len(answer["workers"]) == 2
+    assert all(w["device"] == "cpu" and 0 <= w["kv_usage"] <= 1 for w in answer["workers"])
+    table = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "2 worker(s)" in table and "reachable" in table
+    assert all(w["worker"] in table for w in answer["workers"])
