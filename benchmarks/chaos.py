@@ -32,7 +32,14 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.common import checkpoint, machine, percentile, print_table, write_json
+from benchmarks.common import (
+    checkpoint,
+    machine,
+    percentile,
+    print_table,
+    sse_lines,
+    write_json,
+)
 from benchmarks.compare_procs import Server, free_port, start_server, stop_server
 from benchmarks.redis_server import RedisServer
 
@@ -97,7 +104,7 @@ def judge_reply(out: Outcome, reply: bytes, max_tokens: int) -> None:
 
 async def _read_stream(response: httpx.Response, max_tokens: int) -> tuple[str, str]:
     text, tokens, done = [], 0, False
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response):
         if not line.startswith("data: "):
             continue
         if line == "data: [DONE]":
@@ -278,7 +285,8 @@ async def wait_workers(
 def recoveries(base: str) -> dict[str, float]:
     """`manta_request_recoveries_total` by kind: retried before the first token, or migrated."""
     text = httpx.get(base + "/metrics", timeout=10).text
-    found = re.findall(r'^manta_request_recoveries_total{[^}]*kind="(\w+)"[^}]*} (\S+)$', text, re.M)
+    pattern = r'^manta_request_recoveries_total{[^}]*kind="(\w+)"[^}]*} (\S+)$'
+    found = re.findall(pattern, text, re.M)
     return {kind: float(value) for kind, value in found}
 
 

@@ -14,7 +14,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +299,17 @@ def run_benchmark(argv, parse_args, run, report) -> int:
     report(results)
     print(f"\nwrote {write_json(args.out, results)}")
     return 0
+
+
+async def sse_lines(response) -> AsyncIterator[str]:
+    """The lines of a streamed (SSE) httpx response, split on "\n" only, as SSE does.
+    httpx's `aiter_lines` splits as `str.splitlines` does, also on U+2028, U+0085 and other
+    characters that a completion's text may hold raw inside a JSON line."""
+    buffered = b""
+    async for piece in response.aiter_bytes():
+        buffered += piece
+        *lines, buffered = buffered.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
+    if buffered:
+        yield buffered.decode()

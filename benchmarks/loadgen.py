@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.common import sse_lines
+
 
 @dataclasses.dataclass(slots=True)
 class LoadRequest:
@@ -107,7 +109,7 @@ async def send(
                 text = (await response.aread()).decode(errors="replace")
                 result.error = f"http {response.status_code}: {text[:200]}"
                 return result
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 payload = line[len("data:") :].strip()

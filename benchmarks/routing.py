@@ -41,6 +41,7 @@ from benchmarks.common import (
     print_table,
     random_ids,
     run_benchmark,
+    sse_lines,
 )
 from cluster.app import build_app
 from cluster.config import ClusterConfig, RouterSettings
@@ -225,7 +226,7 @@ async def stream_one(
     ttft, tokens = math.nan, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
+        async for line in sse_lines(response):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line.removeprefix("data: "))

@@ -4,14 +4,16 @@ positive, and Manta and the `transformers` baseline produce the same number of t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import math
 from collections import Counter
 from typing import Any
 
+import httpx
 import pytest
 
-from benchmarks.common import make_trace
+from benchmarks.common import make_trace, sse_lines
 from benchmarks.engine import RATIO_KEYS, Settings, main
 from tests.bench_checks import numbers
 
@@ -85,3 +87,17 @@ def test_trace_is_seeded_with_shared_prompts_and_a_burst():
     heads = Counter(tuple(r.prompt_ids[: spec.system_len]) for r in trace)
     assert heads.most_common(1)[0][1] == spec.num_requests // 2
     assert all(max(r.prompt_ids) < 1024 - 5 for r in trace)
+
+
+def test_sse_lines_split_on_newlines_only():
+    """A completion's text may hold U+2028 or U+0085 raw inside a JSON line: one line still."""
+    text = "a\u2028b\x85c\x1cd"
+    body = f"data: {json.dumps({'text': text}, ensure_ascii=False)}\n\ndata: [DONE]\n\n"
+    response = httpx.Response(200, stream=httpx.ByteStream(body.encode()))
+
+    async def lines() -> list[str]:
+        return [line async for line in sse_lines(response)]
+
+    got = asyncio.run(lines())
+    assert got == [got[0], "", "data: [DONE]", ""]
+    assert json.loads(got[0].removeprefix("data: "))["text"] == text
