@@ -49,7 +49,8 @@ def build_app(config: ClusterConfig) -> Application:
         "slo_itl_s": config.slo_itl_s,
     }
     shared = {"redis_url": config.redis_url, "index_ttl_s": config.index_ttl_s}
-    if config.num_workers == 1 and config.colocate_single_worker:
+    fixed_single = config.num_workers == 1 and config.autoscaling is None
+    if fixed_single and config.colocate_single_worker:
         server = serve.deployment(serve.ingress(None)(ColocatedServer)).options(
             name=COLOCATED_DEPLOYMENT,
             num_replicas=1,
@@ -65,7 +66,7 @@ def build_app(config: ClusterConfig) -> Application:
     router_kwargs = config.router.model_dump(exclude={"affinity_prefix_tokens"})
     worker = serve.deployment(WorkerDeployment).options(
         name=WORKER_DEPLOYMENT,
-        num_replicas=config.num_workers,
+        **replicas(config),
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         ray_actor_options=worker_resources(config),
@@ -86,6 +87,16 @@ def build_app(config: ClusterConfig) -> Application:
     )
     http = {**config.http_settings(), "worker_deployment": WORKER_DEPLOYMENT}
     return ingress.bind(workers, tokenizer_factory, frontend, http, **shared)
+
+
+def replicas(config: ClusterConfig) -> dict:
+    """A fixed number of workers, or Serve's autoscaling starting from `num_workers`."""
+    if config.autoscaling is None:
+        return {"num_replicas": config.num_workers}
+    scaling = config.autoscaling.model_dump()
+    low, high = scaling["min_replicas"], scaling["max_replicas"]
+    scaling["initial_replicas"] = min(max(config.num_workers, low), high)
+    return {"autoscaling_config": scaling}
 
 
 def worker_resources(config: ClusterConfig) -> dict[str, float]:

@@ -103,6 +103,12 @@ def serve_config(args: argparse.Namespace):
         given["record_trace"] = str(Path(args.record_trace).resolve())
     if args.router_policy:
         given["router"] = {"policy": args.router_policy.replace("-", "_")}
+    if args.max_workers is not None:
+        scaling = {"min_replicas": args.min_workers, "max_replicas": args.max_workers,
+                   "target_ongoing_requests": args.target_ongoing_requests,
+                   "upscale_delay_s": args.upscale_delay_s,
+                   "downscale_delay_s": args.downscale_delay_s}  # fmt: skip
+        given["autoscaling"] = {k: v for k, v in scaling.items() if v is not None}
     config = ClusterConfig(
         model=args.model or default_model(),
         served_model_name=args.served_model_name or (None if args.model else "manta-tiny"),
@@ -385,6 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
         "token counts and timings, never prompt or completion text",
     )
     add_device_flags(p)
+    scaling = p.add_argument_group("autoscaling (on with --max-workers; --workers is the start)")
+    scaling.add_argument("--max-workers", type=int, help="workers the app may grow to")
+    scaling.add_argument("--min-workers", type=int, help="workers kept when idle (default 1)")
+    scaling.add_argument(
+        "--target-ongoing-requests", type=float, help="requests per worker aimed at (default 8)"
+    )
+    scaling.add_argument("--upscale-delay-s", type=float, help="default 10")
+    scaling.add_argument("--downscale-delay-s", type=float, help="default 60")
     p.add_argument(
         "--router-policy",
         choices=["prefix", "predicted-latency", "round-robin", "least-loaded"],

@@ -52,6 +52,36 @@ class RouterSettings(BaseModel):
     )
 
 
+class AutoscalingSettings(BaseModel):
+    """Serve's `autoscaling_config` for the worker deployment (its field names and meaning):
+    replicas are added while each holds more than `target_ongoing_requests`, removed after
+    `downscale_delay_s` below it. `num_workers` is then only where it starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=1, description="Workers kept however idle the app is.")
+    max_replicas: int = Field(1, ge=1, description="Workers the app may grow to.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests per worker (running + queued) that autoscaling aims at."
+    )
+    upscale_delay_s: float = Field(10.0, ge=0, description="Load must stay high this long.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Load must stay low this long.")
+    metrics_interval_s: float = Field(
+        2.0, gt=0, description="How often replicas report their load to the controller."
+    )
+    look_back_period_s: float = Field(
+        10.0, gt=0, description="The window over which that load is averaged."
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
 class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -133,6 +163,9 @@ class ClusterConfig(BaseModel):
         "`model` is always this config's `model`."
     )
     router: RouterSettings = Field(default_factory=RouterSettings)
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Scale workers with load (Serve autoscaling); None: num_workers fixed."
+    )
 
     @model_validator(mode="before")
     @classmethod

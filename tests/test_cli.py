@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def manta(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -77,3 +79,21 @@ def test_serve_takes_the_router_policy(tmp_path):
     args = parse(["serve", "--router-policy", "predicted-latency", "--workers", "2"])
     assert serve_config(args).router.policy == "predicted_latency"
     assert serve_config(parse(["serve"])).router.policy == "prefix"
+
+
+def test_serve_takes_autoscaling_flags(tmp_path):
+    from cluster.app import replicas
+    from cluster.cli import build_parser, serve_config
+
+    parse = build_parser().parse_args
+    fixed = serve_config(parse(["serve", "--workers", "2"]))
+    assert fixed.autoscaling is None and replicas(fixed) == {"num_replicas": 2}
+    args = parse(["serve", "--max-workers", "3", "--target-ongoing-requests", "2",
+                  "--downscale-delay-s", "5"])  # fmt: skip
+    config = serve_config(args)
+    scaling = replicas(config)["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"], scaling["initial_replicas"]) == (
+        1, 3, 1)  # fmt: skip
+    assert scaling["target_ongoing_requests"] == 2 and scaling["downscale_delay_s"] == 5
+    with pytest.raises(ValueError, match="below min_replicas"):
+        serve_config(parse(["serve", "--min-workers", "3", "--max-workers", "2"]))
