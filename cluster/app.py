@@ -47,6 +47,7 @@ def build_app(config: ClusterConfig) -> Application:
         "stream_interval_s": config.stream_interval_s,
         "slo_ttft_s": config.slo_ttft_s,
         "slo_itl_s": config.slo_itl_s,
+        "tracing": config.tracing_settings(),
     }
     shared = {"redis_url": config.redis_url, "index_ttl_s": config.index_ttl_s}
     fixed_single = config.num_workers == 1 and config.autoscaling is None

@@ -72,8 +72,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def serve_config(args: argparse.Namespace):
-    """The cluster's settings from `manta serve`'s flags (and MANTA_API_KEYS)."""
+    """The cluster's settings from `manta serve`'s flags (and MANTA_API_KEYS, OTEL_*)."""
     from cluster.config import ClusterConfig
+    from kvstore.telemetry import settings_from_env
 
     gpus = args.gpus_per_worker
     if gpus is None:  # one GPU per engine where GPUs are asked for, or this machine has them
@@ -103,6 +104,13 @@ def serve_config(args: argparse.Namespace):
         given["record_trace"] = str(Path(args.record_trace).resolve())
     if args.router_policy:
         given["router"] = {"policy": args.router_policy.replace("-", "_")}
+    tracing = settings_from_env(
+        args.otlp_traces_endpoint, args.otlp_traces_protocol, args.trace_sample_ratio
+    )
+    if tracing is not None:
+        given["otlp_traces_endpoint"] = tracing["endpoint"]
+        given["otlp_traces_protocol"] = tracing["protocol"]
+        given["trace_sample_ratio"] = tracing["sample_ratio"]
     if args.max_workers is not None:
         scaling = {"min_replicas": args.min_workers, "max_replicas": args.max_workers,
                    "target_ongoing_requests": args.target_ongoing_requests,
@@ -391,6 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         "token counts and timings, never prompt or completion text",
     )
     add_device_flags(p)
+    traces = p.add_argument_group("tracing (OpenTelemetry; also OTEL_EXPORTER_OTLP_* variables)")
+    traces.add_argument(
+        "--otlp-traces-endpoint", metavar="URL", help="OTLP collector, e.g. http://host:4318"
+    )
+    traces.add_argument("--otlp-traces-protocol", choices=["http/protobuf", "grpc"])
+    traces.add_argument(
+        "--trace-sample-ratio", type=float, help="share of requests traced (default 1.0)"
+    )
     scaling = p.add_argument_group("autoscaling (on with --max-workers; --workers is the start)")
     scaling.add_argument("--max-workers", type=int, help="workers the app may grow to")
     scaling.add_argument("--min-workers", type=int, help="workers kept when idle (default 1)")

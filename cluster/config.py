@@ -163,6 +163,17 @@ class ClusterConfig(BaseModel):
         "`model` is always this config's `model`."
     )
     router: RouterSettings = Field(default_factory=RouterSettings)
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="OTLP collector for OpenTelemetry traces of every request (router and "
+        "worker spans); None: tracing off. `manta serve` also reads OTEL_EXPORTER_OTLP_*.",
+    )
+    otlp_traces_protocol: Literal["http/protobuf", "grpc"] = Field(
+        "http/protobuf", description="How traces are exported."
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of requests traced (a client's sampled flag rules)."
+    )
     autoscaling: AutoscalingSettings | None = Field(
         None, description="Scale workers with load (Serve autoscaling); None: num_workers fixed."
     )
@@ -209,7 +220,16 @@ class ClusterConfig(BaseModel):
             "max_request_body_bytes": self.max_request_body_bytes,
             "slo_ttft_s": self.slo_ttft_s,
             "record_trace": self.record_trace,
+            "tracing": self.tracing_settings(),
+            "routing_policy": self.router.policy,
         }
+
+    def tracing_settings(self) -> dict | None:
+        """For kvstore.telemetry.make_tracer in the ingress and worker processes."""
+        if not self.otlp_traces_endpoint:
+            return None
+        return {"endpoint": self.otlp_traces_endpoint, "protocol": self.otlp_traces_protocol,
+                "sample_ratio": self.trace_sample_ratio}  # fmt: skip
 
     @property
     def model_name(self) -> str:

@@ -34,6 +34,8 @@ class GenerateRequest:
     # When the client's request reached the router (wall clock), so that a worker's admission
     # counts the time it already waited; None: admitted whatever the SLO (a resumed stream).
     arrival_s: float | None = None
+    # W3C trace context (`traceparent`, ...) of the router's span for this request, when traced.
+    trace_context: dict[str, str] | None = None
 
 
 @dataclass(slots=True)

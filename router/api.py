@@ -13,6 +13,7 @@ that the response names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.trace import Tracer
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -48,6 +50,7 @@ from router.protocol import (
 from router.recorder import TrafficRecorder
 from router.responses import ChatFormatter, CompletionFormatter
 from router.status import status
+from router.tracing import RequestTrace, traced
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class ServerState:
     liveness: Callable[[], Awaitable[str | None]] | None = None
     gate: FirstTokenGate = field(default_factory=lambda: FirstTokenGate(None))
     recorder: TrafficRecorder | None = None  # `--record-trace`: the traffic, as a trace
+    tracer: Tracer | None = None  # OpenTelemetry spans of each request; None: tracing off
+    routing_policy: str = "prefix"  # named on the traced routing spans
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -137,6 +142,9 @@ def _error_response(request: Request, error: HTTPError) -> JSONResponse:
         wait = error.retry_after if error.retry_after is not None else state.retry_after_s
         headers["Retry-After"] = str(max(1, round(wait)))
     state.metrics.count_status(error.status)
+    trace = getattr(request.state, "trace", None)
+    if trace is not None:
+        trace.end(error.status, str(error))
     return JSONResponse(
         error_body(str(error), error.type, error.param, error.code), error.status, headers=headers
     )
@@ -336,9 +344,27 @@ async def _prepare(
             subs.append(await state.frontend.build_request(ids, child, body.priority, tenant))
     start = time.perf_counter()
     streams = [_timed(state.frontend.stream(sub), state.metrics, start) for sub in subs]
+    trace: RequestTrace | None = getattr(request.state, "trace", None)
+    if trace is not None:
+        spans = [trace.generate(sub, state.routing_policy) for sub in subs]
+        streams = [traced(s, span) for s, span in zip(streams, spans)]
     if state.recorder is not None:
         streams = [state.recorder.track(s, sub, arrived, tenant) for s, sub in zip(streams, subs)]
     return subs, streams
+
+
+def _end_trace(request: Request, status: int) -> None:
+    trace = getattr(request.state, "trace", None)
+    if trace is not None:
+        trace.end(status)
+
+
+def _start_trace(request: Request, route: str) -> RequestTrace | None:
+    tracer = request.app.state.manta.tracer
+    if tracer is None:
+        return None
+    request.state.trace = RequestTrace(tracer, route, request.headers)
+    return request.state.trace
 
 
 async def _respond(
@@ -365,6 +391,7 @@ async def _respond(
         metrics.count_status(200)
         response = formatter.response()
         metrics.count_finished(formatter.finish_reasons())
+        _end_trace(request, 200)
         return JSONResponse(response)
 
     async def events() -> AsyncIterator[str]:
@@ -388,6 +415,7 @@ async def _respond(
             raise
         finally:
             await merged.aclose()
+            _end_trace(request, 200)
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
@@ -412,13 +440,17 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         arrived = time.monotonic()
+        trace = _start_trace(request, "/v1/completions")
         try:
             tenant = _guard(request)
             state.gate.check()  # shed before even reading the body
             body = await _parse(request, CompletionRequest)
             frontend = state.frontend
-            # Off the event loop: a long prompt must not hold up other requests or /health.
-            prompts = await asyncio.to_thread(lambda: [frontend.encode(p) for p in body.prompts()])
+            with trace.step("tokenize") if trace else contextlib.nullcontext():
+                # Off the event loop: a long prompt must not hold up other requests or /health.
+                prompts = await asyncio.to_thread(
+                    lambda: [frontend.encode(p) for p in body.prompts()]
+                )
             sampling = body.to_sampling_kwargs()
             formatter = CompletionFormatter(body, frontend, prompts, sampling)
             return await _respond(request, body, formatter, prompts, tenant, sampling, arrived)
@@ -428,6 +460,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         arrived = time.monotonic()
+        trace = _start_trace(request, "/v1/chat/completions")
         try:
             tenant = _guard(request)
             state.gate.check()
@@ -437,7 +470,8 @@ def create_app(state: ServerState) -> FastAPI:
             template_kwargs = {"add_generation_prompt": True}
             if (tools := body.template_tools()) is not None:
                 template_kwargs["tools"] = tools
-            prompt = await asyncio.to_thread(frontend.render_chat, messages, **template_kwargs)
+            with trace.step("template and tokenize") if trace else contextlib.nullcontext():
+                prompt = await asyncio.to_thread(frontend.render_chat, messages, **template_kwargs)
             sampling = body.to_sampling_kwargs()
             formatter = ChatFormatter(body, frontend, [prompt], sampling)
             if formatter.tool_format == "mistral":  # its marker is a special token

@@ -23,6 +23,7 @@ from kvstore.messages import (
     WorkerOverloadedError,
     WorkerUnavailableError,
 )
+from kvstore.telemetry import make_tracer
 from router.api import RequestLimits, ServerState, create_app
 from router.auth import Authenticator, RateLimiter, parse_api_keys
 from router.first_token_gate import FirstTokenGate
@@ -116,6 +117,8 @@ def serve_app(frontend: Frontend, http: dict[str, Any], liveness=None):
         liveness=liveness,
         gate=FirstTokenGate(http.get("slo_ttft_s")),
         recorder=TrafficRecorder(path, frontend.block_size) if path else None,
+        tracer=make_tracer(http.get("tracing"), "manta-router"),
+        routing_policy=http.get("routing_policy", "prefix"),
     )
     return create_app(state)
 

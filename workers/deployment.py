@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 import ray
+from opentelemetry.trace import set_span_in_context
 from ray import serve
 
 from kvstore.block_store import BlockStore
@@ -27,6 +28,7 @@ from kvstore.messages import (
     RequestRejectedError,
     WorkerOverloadedError,
 )
+from kvstore.telemetry import extract, make_tracer
 from kvstore.worker_reports import Reports
 from workers.admission import AdmissionControl
 from workers.async_engine import AsyncEngine
@@ -57,6 +59,7 @@ class Worker:
         slo_ttft_s: float | None = None,
         slo_itl_s: float | None = None,
         worker_name: str | None = None,
+        tracing: dict | None = None,
     ) -> None:
         self.engine = AsyncEngine(engine_config)
         # Policies that plan by the SLOs (batching="learned") learn them here.
@@ -82,6 +85,7 @@ class Worker:
         # Hot system-prompt KV is shared through Redis when the cluster has one.
         self.block_store = BlockStore(redis_url, namespace) if redis_url else None
         self.load_cost = LoadCostModel()
+        self.tracer = make_tracer(tracing, "manta-worker")
         self.block_bytes = kv_block_bytes(
             self.engine.engine.model_config, engine_config.block_size, self.engine.engine.dtype
         )
@@ -117,6 +121,8 @@ class Worker:
                     self.admission.started(num_prompt)
                     self._first_tokens.append((request.request_id, time.perf_counter() - received))
                     waiting = False
+                if delta.finished and self.tracer is not None and request.trace_context:
+                    record_spans(self.tracer, request, delta, self.worker_name)
                 yield delta
         finally:
             self._in_flight -= 1
@@ -267,3 +273,32 @@ def replica_name(context) -> str:
     index = getattr(rank, "rank", None)
     suffix = f"worker-{index}" if index is not None else context.replica_id.unique_id
     return f"{ray.util.get_node_ip_address()}/{suffix}"
+
+
+def record_spans(tracer, request: GenerateRequest, delta: RequestDelta, worker: str) -> None:
+    """The worker's spans of a finished request, below the router's `generate` span: the
+    request on this worker, and its queue, prefill and decode phases, timed by the scheduler
+    (so they are laid out backwards from now)."""
+    end = time.time_ns()
+    decode_start = end - round(delta.decode_s * 1e9)
+    prefill_start = decode_start - round(delta.prefill_s * 1e9)
+    queue_start = prefill_start - round(delta.queue_s * 1e9)
+    parent = extract(request.trace_context)
+    root = tracer.start_span("worker request", context=parent, start_time=queue_start)
+    root.set_attribute("manta.worker", worker)
+    root.set_attribute("manta.finish_reason", delta.finish_reason or "stop")
+    context = set_span_in_context(root)
+    num_prompt = len(request.prompt_token_ids)
+    phases = [
+        ("queue", queue_start, prefill_start, {}),
+        ("prefill", prefill_start, decode_start, {
+            "manta.prompt_tokens": num_prompt,
+            "manta.tokens_computed": num_prompt - delta.num_cached_tokens,
+            "manta.tokens_from_cache": delta.num_cached_tokens,
+        }),
+        ("decode", decode_start, end, {"manta.output_tokens": delta.num_output_tokens}),
+    ]  # fmt: skip
+    for name, start, stop, attributes in phases:
+        span = tracer.start_span(name, context=context, start_time=start, attributes=attributes)
+        span.end(end_time=stop)
+    root.end(end_time=end)

@@ -1,0 +1,85 @@
+"""A local OTLP/HTTP trace collector (for the tracing benchmark and tests): it accepts
+`POST /v1/traces` (protobuf) on 127.0.0.1 and keeps every span it is sent, with its service's
+name."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedSpan:
+    service: str
+    name: str
+    trace_id: str  # 32 hex digits
+    span_id: str
+    parent_span_id: str  # "" for a root
+    attributes: dict
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self._lock = threading.Lock()
+        collector = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                export = ExportTraceServiceRequest.FromString(body)
+                collector._add(export)
+                reply = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:  # quiet
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def _add(self, export: ExportTraceServiceRequest) -> None:
+        found = []
+        for resource_spans in export.resource_spans:
+            service = next(
+                (a.value.string_value for a in resource_spans.resource.attributes
+                 if a.key == "service.name"), "",
+            )  # fmt: skip
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    attributes = {a.key: _value(a.value) for a in span.attributes}
+                    found.append(ReceivedSpan(
+                        service, span.name, span.trace_id.hex(), span.span_id.hex(),
+                        span.parent_span_id.hex(), attributes,
+                    ))  # fmt: skip
+        with self._lock:
+            self.spans.extend(found)
+
+    def traces(self) -> dict[str, list[ReceivedSpan]]:
+        with self._lock:
+            spans = list(self.spans)
+        out: dict[str, list[ReceivedSpan]] = {}
+        for span in spans:
+            out.setdefault(span.trace_id, []).append(span)
+        return out
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _value(value):
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
