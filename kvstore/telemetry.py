@@ -30,13 +30,17 @@ def settings_from_env(
     """Tracing settings from flags, falling back on the standard `OTEL_*` variables; None
     when no endpoint is known (tracing off)."""
     env = os.environ
-    endpoint = endpoint or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    endpoint = (
+        endpoint
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
     if not endpoint:
         return None
-    protocol = protocol or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"
+    protocol = (
+        protocol
+        or env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
     )
     if protocol not in PROTOCOLS:
         raise ValueError(f"OTLP protocol must be one of {PROTOCOLS}, got {protocol!r}")

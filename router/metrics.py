@@ -66,15 +66,16 @@ class _WorkerCollector:
         for key, (name, kind, doc) in WORKER_METRICS.items():
             family_cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             base = name.removesuffix("_total") if kind == "counter" else name
-            family = family_cls(base, doc, labels=["model_name", "worker"])
+            family = family_cls(base, doc, labels=["model_name", "worker", "worker_name"])
             for report in reports:
                 value = report.get(key, 0)
                 if isinstance(value, (int, float)):  # an index entry is data, never trusted
-                    family.add_metric([model, worker_label(report)], float(value))
+                    worker = str(report.get("worker_id", ""))
+                    family.add_metric([model, worker, worker_name(report)], float(value))
             yield family
 
 
-def worker_label(report: dict) -> str:
+def worker_name(report: dict) -> str:
     """The readable name a worker reports (its node and replica rank), else its id."""
     name = report.get("worker_name")
     return name if isinstance(name, str) and name else str(report.get("worker_id", ""))

@@ -93,8 +93,8 @@ def test_a_burst_beyond_the_gate_gets_429_with_retry_after_and_the_gate_empties(
         assert state.gate.waiting == 0
         wait_pool_whole(engine)
         metrics = httpx.get(server.url + "/metrics").text
-        assert "manta_router_waiting_first_token 0.0" in metrics
-        assert "manta_router_first_token_limit 2.0" in metrics
+        assert 'manta_router_waiting_first_token{model_name="tiny"} 0.0' in metrics
+        assert 'manta_router_first_token_limit{model_name="tiny"} 2.0' in metrics
     finally:
         server.stop()
         engine.shutdown()

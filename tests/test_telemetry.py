@@ -12,8 +12,8 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.trace import set_span_in_context
 
-from kvstore.telemetry import carrier, extract, make_tracer, settings_from_env
 from benchmarks.otlp_collector import Collector
+from kvstore.telemetry import carrier, extract, make_tracer, settings_from_env
 
 
 def test_settings_come_from_flags_then_the_environment(monkeypatch):

@@ -361,15 +361,17 @@ def test_tool_calls_hold_in_the_served_cluster(served, client):
 
 
 def test_worker_labels_are_node_and_rank(served):
-    """Readable and stable: `<node ip>/worker-<rank>`, one rank per replica."""
-    labels = sorted(worker_metric(served, "manta_kv_cache_usage_ratio"))
+    """Readable and stable: `worker_name` is `<node ip>/worker-<rank>`, one rank a replica."""
+    text = httpx.get(served.base_url + "/metrics").text
+    pattern = r'^manta_kv_cache_usage_ratio{.*worker_name="([^"]+)"'
+    labels = sorted(set(re.findall(pattern, text, re.M)))
     assert len(labels) == 2
     assert all(re.fullmatch(r"\d+\.\d+\.\d+\.\d+/worker-\d+", label) for label in labels), labels
     assert {label.rsplit("-", 1)[1] for label in labels} == {"0", "1"}
 
 
 def test_manta_status_lists_workers_and_the_index(served, client):
-    client.completions.create(model=served.name, prompt="status " * 40, max_tokens=2)
+    client.completions.create(model=served.model_name, prompt="status " * 40, max_tokens=2)
     command = [sys.executable, "-m", "cluster.cli", "status", "--url", served.base_url]
     deadline = time.time() + 10
     while True:  # the index holds the prompt's blocks after the workers' next publish

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from ray import serve
 
+from benchmarks.otlp_collector import Collector
 from cluster.app import build_app
 from cluster.config import ClusterConfig
 from kvstore.index_actor import kill_index_actor
-from benchmarks.otlp_collector import Collector
 
 APP = "manta-tracing"
 
