@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from router.metrics import worker_name
+
 
 def _number(report: dict, key: str) -> float:
     value = report.get(key, 0)  # a report is data from another process: never trusted
@@ -17,10 +19,9 @@ def _ratio(report: dict, part: str, whole: str) -> float | None:
 
 
 def worker_row(worker_id: str, report: dict) -> dict:
-    name = report.get("worker_name")
     device = report.get("device")
     return {
-        "worker": name if isinstance(name, str) and name else worker_id,
+        "worker": worker_name(report) or worker_id,
         "device": device if isinstance(device, str) else "?",
         "running": int(_number(report, "num_requests_running")),
         "waiting": int(_number(report, "num_requests_waiting")),
