@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.colocated import ColocatedServer
 from cluster.config import ClusterConfig
+from kvstore.index_actor import HEAD_NODE_RESOURCE
 from router.ingress import Ingress
 from router.prefix_router import PrefixAwareRequestRouter
 from workers.deployment import WorkerDeployment
@@ -84,7 +85,7 @@ def build_app(config: ClusterConfig) -> Application:
         name=INGRESS_DEPLOYMENT,
         num_replicas=1,
         max_ongoing_requests=4096,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=ingress_resources(config),
     )
     http = {**config.http_settings(), "worker_deployment": WORKER_DEPLOYMENT}
     return ingress.bind(workers, tokenizer_factory, frontend, http, **shared)
@@ -100,8 +101,18 @@ def replicas(config: ClusterConfig) -> dict:
     return {"autoscaling_config": scaling}
 
 
-def worker_resources(config: ClusterConfig) -> dict[str, float]:
-    return {"num_cpus": config.num_cpus_per_worker, "num_gpus": config.num_gpus_per_worker}
+def worker_resources(config: ClusterConfig) -> dict:
+    options = {"num_cpus": config.num_cpus_per_worker, "num_gpus": config.num_gpus_per_worker}
+    if config.worker_resources:
+        options["resources"] = dict(config.worker_resources)
+    return options
+
+
+def ingress_resources(config: ClusterConfig) -> dict:
+    options: dict = {"num_cpus": 0}  # it mostly waits on streams; the workers need the cores
+    if config.ingress_on_head:
+        options["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    return options
 
 
 def app_builder(args: dict) -> Application:

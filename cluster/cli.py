@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -102,6 +103,8 @@ def serve_config(args: argparse.Namespace):
         given["stream_interval_s"] = args.stream_interval_ms / 1e3
     if args.record_trace:  # absolute: the ingress replica may run in another directory
         given["record_trace"] = str(Path(args.record_trace).resolve())
+    if args.worker_resources:
+        given["worker_resources"] = args.worker_resources
     if args.router_policy:
         given["router"] = {"policy": args.router_policy.replace("-", "_")}
     tracing = settings_from_env(
@@ -148,7 +151,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # here on: through the finally below, so nothing this command started outlives it.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        start_ray_and_serve(config, address, direct)
+        start_ray_and_serve(config, address, direct, args.proxy_location)
         signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs a handler of its own
         serve.run(build_app(config), name="manta", route_prefix="/")
         print(f"manta: serving {config.model_name!r} on http://{config.host}:{config.port}/v1")
@@ -172,7 +175,9 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def start_ray_and_serve(config, address: str | None, direct_ingress: bool) -> None:
+def start_ray_and_serve(
+    config, address: str | None, direct_ingress: bool, proxy_location: str | None = None
+) -> None:
     """Start (or join) Ray, then Serve with its HTTP front.
 
     With direct ingress, clients reach the ingress replica itself on the port, with no Serve
@@ -201,7 +206,23 @@ def start_ray_and_serve(config, address: str | None, direct_ingress: bool) -> No
             proxy_port = sock.getsockname()[1]
     runtime_env = {"env_vars": env} if env else None
     ray.init(address=address, include_dashboard=False, runtime_env=runtime_env)
-    serve.start(http_options={"host": config.host, "port": proxy_port})
+    serve.start(
+        proxy_location=proxy_location, http_options={"host": config.host, "port": proxy_port}
+    )
+
+
+def resource_map(text: str) -> dict[str, float]:
+    """`--worker-resources`: a JSON object of resource names to non-negative amounts."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+        for k, v in value.items()
+    ):
+        raise argparse.ArgumentTypeError('want an object of names to amounts, e.g. {"gpu_a": 1}')
+    return {k: float(v) for k, v in value.items()}
 
 
 def local_gpus() -> int:
@@ -339,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="GPUs each worker reserves (default: 1 with --device cuda or when this machine "
         "has GPUs, else 0)",
+    )
+    p.add_argument(
+        "--worker-resources",
+        type=resource_map,
+        metavar="JSON",
+        help='custom Ray resources each worker reserves, e.g. \'{"accelerator_type:H100": '
+        "0.001}' or one that only the nodes meant for workers declare",
+    )
+    p.add_argument(
+        "--proxy-location",
+        choices=["EveryNode", "HeadOnly"],
+        help="where Serve runs its HTTP proxies when joining RAY_ADDRESS (default EveryNode; "
+        "HeadOnly when the nodes share one address, as several nodes on one machine do)",
     )
     p.add_argument("--redis-url", help="share the prefix index in Redis (default: embedded)")
     p.add_argument("--host", default="127.0.0.1")
@@ -478,8 +512,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import json
-
     import httpx
 
     from router.status import render

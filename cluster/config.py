@@ -90,6 +90,18 @@ class ClusterConfig(BaseModel):
     num_workers: int = Field(1, ge=1, description="Worker replicas, one engine each.")
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0, description="1 on GPU clusters.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker reserves besides CPUs and GPUs, e.g. "
+        '{"accelerator_type:H100": 0.001} or a resource only some nodes declare: which '
+        "nodes may hold a worker.",
+    )
+    ingress_on_head: bool = Field(
+        True,
+        description="Keep the ingress (router, tokenizer, streams to the clients) on the head "
+        "node, beside Serve's controller: a worker node lost then costs none of the requests "
+        "that pass through the ingress, which retries them on the workers left.",
+    )
     redis_url: str | None = Field(None, description="Prefix index in Redis; None: embedded.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)

@@ -21,6 +21,8 @@ from kvstore.worker_reports import WorkerReports
 
 logger = logging.getLogger(__name__)
 ACTOR_NAMESPACE = "manta"
+# Ray gives the head node this resource (and no other node): a sliver of it pins an actor there.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 @ray.remote(num_cpus=0)
@@ -65,6 +67,10 @@ class _ActorClient:
             namespace=ACTOR_NAMESPACE,
             get_if_exists=True,
             lifetime="detached",
+            # On the head, which outlives worker nodes; and back, empty, if it dies anyway:
+            # a worker the index no longer knows republishes its blocks (heartbeat).
+            resources={HEAD_NODE_RESOURCE: 0.001},
+            max_restarts=-1,
         ).remote(ttl_s)
         self._timeout_s = timeout_s
 

@@ -19,9 +19,10 @@ def _ratio(report: dict, part: str, whole: str) -> float | None:
 
 
 def worker_row(worker_id: str, report: dict) -> dict:
-    device = report.get("device")
+    device, node = report.get("device"), report.get("node_id")
     return {
         "worker": worker_name(report) or worker_id,
+        "node_id": node if isinstance(node, str) else None,
         "device": device if isinstance(device, str) else "?",
         "running": int(_number(report, "num_requests_running")),
         "waiting": int(_number(report, "num_requests_waiting")),

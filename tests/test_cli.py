@@ -97,3 +97,26 @@ def test_serve_takes_autoscaling_flags(tmp_path):
     assert scaling["target_ongoing_requests"] == 2 and scaling["downscale_delay_s"] == 5
     with pytest.raises(ValueError, match="below min_replicas"):
         serve_config(parse(["serve", "--min-workers", "3", "--max-workers", "2"]))
+
+
+def test_serve_takes_worker_resources_and_keeps_the_ingress_on_the_head(tmp_path):
+    from cluster.app import ingress_resources, worker_resources
+    from cluster.cli import build_parser, serve_config
+    from kvstore.index_actor import HEAD_NODE_RESOURCE
+
+    parse = build_parser().parse_args
+    config = serve_config(parse(["serve", "--workers", "2", "--cpus-per-worker", "0.5",
+                                 "--worker-resources", '{"worker_slot": 1}']))  # fmt: skip
+    assert worker_resources(config) == {
+        "num_cpus": 0.5, "num_gpus": 0.0, "resources": {"worker_slot": 1.0}}  # fmt: skip
+    assert ingress_resources(config)["resources"] == {HEAD_NODE_RESOURCE: 0.001}
+    plain = serve_config(parse(["serve", "--workers", "2"]))
+    assert "resources" not in worker_resources(plain)
+    assert "resources" not in ingress_resources(plain.model_copy(update={"ingress_on_head": False}))
+    assert parse(["serve", "--proxy-location", "HeadOnly"]).proxy_location == "HeadOnly"
+
+
+@pytest.mark.parametrize("bad", ['{"slot": -1}', '["slot"]', "{slot: 1}", '{"slot": true}'])
+def test_bad_worker_resources_are_refused_at_the_command_line(bad):
+    done = manta("serve", "--worker-resources", bad)
+    assert done.returncode == 2 and "--worker-resources" in done.stderr

@@ -73,6 +73,8 @@ class Worker:
         )
         self.worker_id = worker_id
         self.worker_name = worker_name or worker_id  # the `worker` label in /metrics
+        # Ray's id of the node: told apart even where nodes share an address (one machine).
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.index = index
         self.reports = reports
         self.max_in_flight = max_in_flight  # requests running or queued here at once
@@ -206,7 +208,8 @@ class Worker:
 
     def stats(self) -> dict:
         device = str(self.engine.engine.device)
-        stats = {"worker_id": self.worker_id, "worker_name": self.worker_name, "device": device}
+        stats = {"worker_id": self.worker_id, "worker_name": self.worker_name, "device": device,
+                 "node_id": self.node_id}  # fmt: skip
         stats.update(self.engine.stats())
         stats["num_requests_shed"] = self.admission.num_refused
         if self.block_store is not None:
