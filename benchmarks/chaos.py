@@ -43,7 +43,7 @@ from benchmarks.common import (
 from benchmarks.compare_procs import Server, free_port, start_server, stop_server
 from benchmarks.redis_server import RedisServer
 
-STATUS_RE = re.compile(r'^manta_(\w+?)(?:_total)?{[^}]*worker="([^"]+)"[^}]*} (\S+)$', re.M)
+STATUS_RE = re.compile(r'^manta_(\w+?)(?:_total)?{[^}]*replica="([^"]+)"[^}]*} (\S+)$', re.M)
 
 
 # -- one request -------------------------------------------------------------------------------

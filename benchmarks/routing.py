@@ -187,8 +187,8 @@ def worker_counters(text: str) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if "worker" in sample.labels:
-                out.setdefault(sample.name, {})[sample.labels["worker"]] = sample.value
+            if "replica" in sample.labels:
+                out.setdefault(sample.name, {})[sample.labels["replica"]] = sample.value
     return out
 
 

@@ -65,6 +65,11 @@ class RequestDelta:
     queue_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # Also on the finishing delta: prompt tokens whose KV came from the shared block store,
+    # and the speculative draft tokens proposed for the request and accepted.
+    num_loaded_tokens: int = 0
+    num_spec_proposed: int = 0
+    num_spec_accepted: int = 0
 
     def merge(self, later: RequestDelta) -> None:
         """Fold the next delta of the same request into this one (a slow reader then gets
@@ -77,6 +82,9 @@ class RequestDelta:
         self.num_output_tokens = later.num_output_tokens
         self.num_cached_tokens = later.num_cached_tokens
         self.queue_s, self.prefill_s, self.decode_s = later.queue_s, later.prefill_s, later.decode_s
+        self.num_loaded_tokens = later.num_loaded_tokens
+        self.num_spec_proposed, self.num_spec_accepted = (
+            later.num_spec_proposed, later.num_spec_accepted)  # fmt: skip
 
 
 class RequestRejectedError(ValueError):

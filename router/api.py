@@ -347,7 +347,7 @@ async def _prepare(
     trace: RequestTrace | None = getattr(request.state, "trace", None)
     if trace is not None:
         spans = [trace.generate(sub, state.routing_policy) for sub in subs]
-        streams = [traced(s, span) for s, span in zip(streams, spans)]
+        streams = [traced(s, span, sub.request_id) for s, span, sub in zip(streams, spans, subs)]
     if state.recorder is not None:
         streams = [state.recorder.track(s, sub, arrived, tenant) for s, sub in zip(streams, subs)]
     return subs, streams

@@ -66,12 +66,12 @@ class _WorkerCollector:
         for key, (name, kind, doc) in WORKER_METRICS.items():
             family_cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             base = name.removesuffix("_total") if kind == "counter" else name
-            family = family_cls(base, doc, labels=["model_name", "worker", "worker_name"])
+            family = family_cls(base, doc, labels=["model_name", "worker", "replica"])
             for report in reports:
                 value = report.get(key, 0)
                 if isinstance(value, (int, float)):  # an index entry is data, never trusted
-                    worker = str(report.get("worker_id", ""))
-                    family.add_metric([model, worker, worker_name(report)], float(value))
+                    replica = str(report.get("worker_id", ""))
+                    family.add_metric([model, worker_name(report), replica], float(value))
             yield family
 
 

@@ -29,6 +29,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from kvstore.messages import GenerateRequest, RoutingHint
 from router.latency_predictor import LatencyPredictor
+from router.tracing import note_routing
 
 logger = logging.getLogger(__name__)
 
@@ -173,8 +174,11 @@ class PrefixAwareRequestRouter(RequestRouter):
                 if self.predictor.ready:
                     self._log_once()
                     ranked = rank_by_latency(predicted, hint, self.latency_slack_s)
+                    note_routing(request, "predicted_ttft_s", predicted)
                     return [[by_id[w]] for w in ranked]
         scores = score_workers(list(by_id), hint, loads, self.weights)
+        if request is not None:
+            note_routing(request, "score", scores)
         return [[by_id[w]] for w in rank(scores)]
 
     def _log_once(self) -> None:

@@ -7,12 +7,34 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer, set_span_in_context
 
 from kvstore.messages import GenerateRequest, RequestDelta
 from kvstore.telemetry import carrier, extract
+
+# The routing decisions of traced requests, by request id. Serve's request router runs in the
+# ingress process but outside the request's context, so it leaves its candidates' scores here
+# and the request's `generate` span takes them. Bounded: a request may end before it reads them.
+_DECISIONS: OrderedDict[str, tuple[str, dict[str, float]]] = OrderedDict()
+MAX_DECISIONS = 1024
+
+
+def note_routing(request: GenerateRequest, kind: str, scores: Mapping[str, float]) -> None:
+    """What the router scored each candidate worker for a traced request (`kind`: what the
+    numbers are, e.g. the prefix score or the predicted seconds to first token)."""
+    if request.trace_context is None:
+        return
+    _DECISIONS[request.request_id] = (kind, {w: round(float(s), 6) for w, s in scores.items()})
+    _DECISIONS.move_to_end(request.request_id)
+    while len(_DECISIONS) > MAX_DECISIONS:
+        _DECISIONS.popitem(last=False)
+
+
+def take_routing(request_id: str) -> tuple[str, dict[str, float]] | None:
+    return _DECISIONS.pop(request_id, None)
 
 
 class RequestTrace:
@@ -51,12 +73,19 @@ class RequestTrace:
         self.span.end()
 
 
-async def traced(stream: AsyncIterator[RequestDelta], span: Span) -> AsyncIterator[RequestDelta]:
-    """Pass the deltas through, recording on `span` where the request ran and how it ended."""
+async def traced(
+    stream: AsyncIterator[RequestDelta], span: Span, request_id: str
+) -> AsyncIterator[RequestDelta]:
+    """Pass the deltas through, recording on `span` the routing decision, where the request ran
+    and how it ended."""
     output = 0
     try:
         async for delta in stream:
             output = delta.num_output_tokens or output
+            decision = take_routing(request_id)
+            if decision is not None:
+                span.set_attribute("manta.routing.score_kind", decision[0])
+                span.set_attribute("manta.routing.candidates", json.dumps(decision[1]))
             if delta.finished:
                 span.set_attribute("manta.worker", delta.worker_id)
                 span.set_attribute("manta.finish_reason", delta.finish_reason or "stop")
@@ -66,5 +95,6 @@ async def traced(stream: AsyncIterator[RequestDelta], span: Span) -> AsyncIterat
         span.set_status(Status(StatusCode.ERROR, type(error).__name__))
         raise
     finally:
+        take_routing(request_id)  # a request that never streamed leaves nothing behind
         span.set_attribute("manta.output_tokens", output)
         span.end()

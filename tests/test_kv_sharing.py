@@ -43,13 +43,19 @@ def engine(model: str, sharing: bool = True, secret: str = SECRET) -> Engine:
 
 
 def run(eng: Engine, prompt: list[int], payloads=None) -> list[int]:
+    return run_to_end(eng, prompt, payloads)[0]
+
+
+def run_to_end(eng: Engine, prompt: list[int], payloads=None):
+    """The request's tokens and its finishing delta."""
     request = eng.add_request(prompt, GREEDY, kv_payloads=payloads)
-    out: list[int] = []
+    out, final = [], None
     while eng.has_unfinished():
         for delta in eng.step():
             if delta.request_id == request.request_id:
                 out.extend(delta.new_token_ids)
-    return out
+                final = delta if delta.finished else final
+    return out, final
 
 
 def test_hot_blocks_are_shared_through_redis_and_loaded_exactly(tiny_model, redis_url):
@@ -79,7 +85,8 @@ def test_hot_blocks_are_shared_through_redis_and_loaded_exactly(tiny_model, redi
 
     fetched = asyncio.run(roundtrip())
     assert fetched[-1] is None and all(fetched[:-1])
-    got = run(target, prompt, [p for p in fetched if p])
+    got, final = run_to_end(target, prompt, [p for p in fetched if p])
+    assert final.num_loaded_tokens == 64 <= final.num_cached_tokens  # what its span reports
     stats = target.stats()
     assert stats["kv_imported_blocks"] == 4
     assert stats["prefix_cache_hits"] == 64  # the whole system prompt came from the store

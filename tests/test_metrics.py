@@ -127,3 +127,20 @@ def test_every_dashboard_query_names_an_exported_metric(tiny_model):
     scrape_config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     (job,) = scrape_config["scrape_configs"]
     assert job["metrics_path"] == "/metrics"
+
+
+def test_worker_samples_are_labelled_by_name_and_by_replica():
+    """`worker` is the readable node/rank name (kept by a replacement replica), `replica` the
+    Serve replica's id; a report without a name falls back to its id, and the dashboard
+    groups by the readable one."""
+    metrics = Metrics("tiny")
+    metrics.set_worker_stats({
+        "r1": {"worker_id": "r1", "worker_name": "10.0.0.7/worker-0", "num_requests_running": 3},
+        "r2": {"worker_id": "r2", "num_requests_running": 1},
+    })  # fmt: skip
+    page = metrics.render().decode()
+    named = 'model_name="tiny",replica="r1",worker="10.0.0.7/worker-0"'
+    assert f"manta_num_requests_running{{{named}}} 3.0" in page
+    assert 'manta_num_requests_running{model_name="tiny",replica="r2",worker="r2"} 1.0' in page
+    dashboard = (ROOT / "deploy" / "grafana" / "manta.json").read_text()
+    assert "{{worker}}" in dashboard and "worker_name" not in dashboard

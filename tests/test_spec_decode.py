@@ -148,3 +148,22 @@ def test_bad_speculative_settings_are_named():
         SpeculativeConfig.from_dict({"method": "ngram", "depth": 3})
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 0})
+
+
+def test_each_request_reports_its_own_speculation(pair):
+    """The finishing delta counts the drafts proposed for its request and accepted (the
+    worker's decode span reports them); over all requests they add up to the engine's."""
+    llm = LLM(pair[0], num_blocks=256, speculative=speculative("draft", pair, 4))
+    engine = llm.engine
+    ids = {engine.add_request(p, GREEDY).request_id for p in PROMPTS}
+    finals = {}
+    while engine.has_unfinished():
+        for delta in engine.step():
+            if delta.finished:
+                finals[delta.request_id] = delta
+    assert set(finals) == ids
+    stats = llm.stats()
+    assert sum(d.num_spec_proposed for d in finals.values()) == stats["spec_decode_proposed_tokens"]
+    assert sum(d.num_spec_accepted for d in finals.values()) == stats["spec_decode_accepted_tokens"]
+    assert all(0 <= d.num_spec_accepted <= d.num_spec_proposed for d in finals.values())
+    assert 0 < sum(d.num_spec_accepted for d in finals.values())

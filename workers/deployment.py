@@ -298,8 +298,13 @@ def record_spans(tracer, request: GenerateRequest, delta: RequestDelta, worker: 
             "manta.prompt_tokens": num_prompt,
             "manta.tokens_computed": num_prompt - delta.num_cached_tokens,
             "manta.tokens_from_cache": delta.num_cached_tokens,
+            "manta.tokens_from_store": delta.num_loaded_tokens,
         }),
-        ("decode", decode_start, end, {"manta.output_tokens": delta.num_output_tokens}),
+        ("decode", decode_start, end, {
+            "manta.output_tokens": delta.num_output_tokens,
+            "manta.spec.proposed": delta.num_spec_proposed,
+            "manta.spec.accepted": delta.num_spec_accepted,
+        }),
     ]  # fmt: skip
     for name, start, stop, attributes in phases:
         span = tracer.start_span(name, context=context, start_time=start, attributes=attributes)

@@ -211,7 +211,8 @@ class Engine:
         self._states[request.request_id] = RequestOutputState(request, self.tokenizer)
         if self.transfer is not None:
             if kv_payloads:
-                self.transfer.import_prefix(token_ids, request.block_hashes, kv_payloads)
+                imported = self.transfer.import_prefix(token_ids, request.block_hashes, kv_payloads)
+                request.num_loaded_tokens = imported * self.config.block_size
             self.transfer.observe_prompt(token_ids, request.block_hashes)
         return request
 

@@ -77,6 +77,9 @@ def make_delta(
     )
     if delta.finished:
         delta.queue_s, delta.prefill_s, delta.decode_s = phase_times(request)
+        delta.num_loaded_tokens = request.num_loaded_tokens
+        delta.num_spec_proposed = request.num_spec_proposed
+        delta.num_spec_accepted = request.num_spec_accepted
     return delta, stopped
 
 

@@ -40,6 +40,9 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
+    num_loaded_tokens: int = 0  # of those, tokens whose KV came from the shared block store
+    num_spec_proposed: int = 0  # draft tokens proposed for it, and how many of them passed
+    num_spec_accepted: int = 0
     num_preemptions: int = 0
     # On the scheduler's clock, for the queue / prefill / decode times in /metrics.
     first_scheduled_time: float | None = None

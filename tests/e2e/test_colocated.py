@@ -38,7 +38,7 @@ def base_url(ray_cluster, tiny_model):
 
 def gauges(base_url: str, name: str) -> dict[str, float]:
     text = httpx.get(base_url + "/metrics").text
-    pattern = rf'^{name}{{[^}}]*worker="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
+    pattern = rf'^{name}{{[^}}]*replica="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
     return {w: float(v) for w, v in re.findall(pattern, text, flags=re.M)}
 
 

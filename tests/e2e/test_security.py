@@ -64,7 +64,7 @@ def ask(base_url: str, key: str, question: str):
 
 def per_worker(base_url: str, name: str) -> dict[str, float]:
     text = httpx.get(base_url + "/metrics").text
-    pattern = rf'^{name}{{[^}}]*worker="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
+    pattern = rf'^{name}{{[^}}]*replica="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
     return {w: float(v) for w, v in re.findall(pattern, text, flags=re.M)}
 
 

@@ -38,7 +38,7 @@ def offline(tiny_model) -> LLM:
 
 def worker_metric(served, name: str) -> dict[str, float]:
     text = httpx.get(served.base_url + "/metrics").text
-    pattern = rf'^{name}{{[^}}]*worker="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
+    pattern = rf'^{name}{{[^}}]*replica="([^"]+)"[^}}]*}} ([0-9.e+-]+)$'
     return {w: float(v) for w, v in re.findall(pattern, text, flags=re.M)}
 
 
@@ -259,7 +259,7 @@ def test_requests_survive_a_dead_worker_and_a_dead_redis(served, client):
             a for a in ray.util.list_named_actors(all_namespaces=True)
             if "MantaWorker" in a["name"]
         ]  # fmt: skip
-        ids = {a["name"].rsplit("#", 1)[-1] for a in replicas}  # replica ids: `worker` labels
+        ids = {a["name"].rsplit("#", 1)[-1] for a in replicas}  # replica ids: `replica` labels
         listed = set(worker_metric(served, "manta_num_requests_running"))
         if len(ids) == 2 and listed == ids:
             break
@@ -361,9 +361,9 @@ def test_tool_calls_hold_in_the_served_cluster(served, client):
 
 
 def test_worker_labels_are_node_and_rank(served):
-    """Readable and stable: `worker_name` is `<node ip>/worker-<rank>`, one rank a replica."""
+    """Readable and stable: `worker` is `<node ip>/worker-<rank>`, one rank a replica."""
     text = httpx.get(served.base_url + "/metrics").text
-    pattern = r'^manta_kv_cache_usage_ratio{.*worker_name="([^"]+)"'
+    pattern = r'^manta_kv_cache_usage_ratio{[^}]*worker="([^"]+)"'
     labels = sorted(set(re.findall(pattern, text, re.M)))
     assert len(labels) == 2
     assert all(re.fullmatch(r"\d+\.\d+\.\d+\.\d+/worker-\d+", label) for label in labels), labels

@@ -4,6 +4,7 @@ client's `traceparent` is continued, and the worker's phases hang below the rout
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 
@@ -83,3 +84,10 @@ def test_every_request_is_one_trace_across_router_and_worker(traced_app):
         assert all(p.parent_span_id == worker.span_id for p in phases.values())
         assert phases["prefill"].attributes["manta.prompt_tokens"] >= 3
         assert "manta.routing.policy" in generate.attributes
+        # The request router's decision: both candidates scored, the chosen one among them.
+        assert generate.attributes["manta.routing.score_kind"] == "score"
+        candidates = json.loads(generate.attributes["manta.routing.candidates"])
+        assert len(candidates) == 2 and generate.attributes["manta.worker"] in candidates
+        assert phases["prefill"].attributes["manta.tokens_from_store"] == 0  # no shared store
+        decode = phases["decode"].attributes
+        assert 0 <= decode["manta.spec.accepted"] <= decode["manta.spec.proposed"]

@@ -120,6 +120,8 @@ class SpecDecoder:
                 emitted[i] = tokens
                 rid = request.request_id
                 self.policy.observe(rid, self._k.get(rid, 0), len(draft), len(tokens) - 1)
+                request.num_spec_proposed += len(draft)
+                request.num_spec_accepted += len(tokens) - 1
         return emitted
 
     def update(self, out: SchedulerOutput) -> None:
