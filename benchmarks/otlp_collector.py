@@ -1,9 +1,17 @@
 """A local OTLP/HTTP trace collector (for the tracing benchmark and tests): it accepts
 `POST /v1/traces` (protobuf) on 127.0.0.1 and keeps every span it is sent, with its service's
-name."""
+name; `GET /summary` counts them.
+
+    python -m benchmarks.otlp_collector   # prints its URL, serves until killed
+
+In a process of its own, as a real collector is, its work does not fall on the GIL of the
+process that sends the load."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -42,6 +50,14 @@ class Collector:
                 self.end_headers()
                 self.wfile.write(reply)
 
+            def do_GET(self) -> None:  # noqa: N802
+                reply = json.dumps(collector.summary()).encode()
+                self.send_response(200 if self.path == "/summary" else 404)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
             def log_message(self, *args) -> None:  # quiet
                 return
 
@@ -75,11 +91,45 @@ class Collector:
             out.setdefault(span.trace_id, []).append(span)
         return out
 
+    def summary(self) -> dict[str, int]:
+        """Spans received, traces, and traces holding a request's root (`POST ...`) span."""
+        traces = self.traces()
+        rooted = sum(any(s.name.startswith("POST") for s in spans) for spans in traces.values())
+        return {"spans": sum(map(len, traces.values())), "traces": len(traces),
+                "request_traces": rooted}  # fmt: skip
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
+class CollectorProcess:
+    """A `Collector` in a child process: `url`, `summary()`, `stop()`."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.otlp_collector"], stdout=subprocess.PIPE, text=True
+        )
+        self.url = self.process.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.stop()
+            raise RuntimeError("the OTLP collector process did not start")
+
+    def summary(self) -> dict[str, int]:
+        import httpx
+
+        return httpx.get(self.url + "/summary", timeout=10, trust_env=False).json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
 def _value(value):
     kind = value.WhichOneof("value")
     return getattr(value, kind) if kind else None
+
+
+if __name__ == "__main__":
+    print(Collector().url, flush=True)
+    threading.Event().wait()  # serve until terminated

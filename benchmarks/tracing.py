@@ -24,7 +24,7 @@ import ray
 from ray import serve
 
 from benchmarks.common import checkpoint, fmt, machine, percentile, print_table, run_benchmark
-from benchmarks.otlp_collector import Collector
+from benchmarks.otlp_collector import CollectorProcess
 from benchmarks.routing import free_port
 from cluster.app import build_app
 from cluster.config import ClusterConfig
@@ -53,8 +53,27 @@ async def timed_requests(base_url: str, model: str, prompts: list[list[int]], cl
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    collector = CollectorProcess()
+    try:
+        latencies = measure(args, collector.url)
+        time.sleep(2)  # the exporters' last batches, flushed as their processes stopped
+        received = collector.summary()
+    finally:
+        collector.stop()
+    results = {
+        mode: {"requests": len(values), "p50_s": percentile(values, 50),
+               "p99_s": percentile(values, 99)}
+        for mode, values in latencies.items()
+    }  # fmt: skip
+    results["on"]["requests_sent"] = len(latencies["on"]) + 8 * args.rounds  # with warm-ups
+    results["on"]["traces_received"] = received["request_traces"]
+    return {"benchmark": "tracing", "machine": machine(), "modes": results,
+            "p50_on_vs_off": results["on"]["p50_s"] / results["off"]["p50_s"]}  # fmt: skip
+
+
+def measure(args: argparse.Namespace, collector_url: str) -> dict[str, list[float]]:
+    """Each mode's latencies, the modes alternating round by round on fresh prompts."""
     model_dir = checkpoint("tiny")
-    collector = Collector()
     rng = random.Random(0)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -67,7 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 config = ClusterConfig(
                     model=str(model_dir), served_model_name=f"tracing-{mode}",
                     engine=dict(num_blocks=128), slo_ttft_s=None,
-                    otlp_traces_endpoint=collector.url if mode == "on" else None,
+                    otlp_traces_endpoint=collector_url if mode == "on" else None,
                 )  # fmt: skip
                 serve.run(build_app(config), name="manta-tracing", route_prefix="/")
                 try:
@@ -85,20 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         serve.shutdown()
         ray.shutdown()
-    time.sleep(2)  # the last batch of spans
-    traces = collector.traces()
-    collector.stop()
-    results = {
-        mode: {"requests": len(values), "p50_s": percentile(values, 50),
-               "p99_s": percentile(values, 99)}
-        for mode, values in latencies.items()
-    }  # fmt: skip
-    results["on"]["requests_sent"] = len(latencies["on"]) + 8 * args.rounds  # with warm-ups
-    results["on"]["traces_received"] = sum(
-        1 for spans in traces.values() if any(s.name.startswith("POST") for s in spans)
-    )
-    return {"benchmark": "tracing", "machine": machine(), "modes": results,
-            "p50_on_vs_off": results["on"]["p50_s"] / results["off"]["p50_s"]}  # fmt: skip
+    return latencies
 
 
 def report(results: dict[str, Any]) -> None:

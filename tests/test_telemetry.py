@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.trace import set_span_in_context
 
-from benchmarks.otlp_collector import Collector
+from benchmarks.otlp_collector import Collector, CollectorProcess
 from kvstore.telemetry import carrier, extract, make_tracer, settings_from_env
 
 
@@ -58,6 +58,24 @@ def test_http_export_and_a_context_carried_across():
         assert {s.service for s in spans.values()} == {"router-side", "worker-side"}
     finally:
         collector.stop()
+
+
+def test_a_collector_in_its_own_process_counts_what_it_received():
+    """The tracing benchmark's collector runs apart from the load's process."""
+    collector = CollectorProcess()
+    try:
+        tracer = make_tracer({"endpoint": collector.url}, "router-side", export_delay_s=0.05)
+        root = tracer.start_span("POST /v1/completions")
+        tracer.start_span("generate", context=set_span_in_context(root)).end()
+        root.end()
+        tracer.start_span("orphan").end()
+        deadline = time.time() + 10
+        while collector.summary()["spans"] < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert collector.summary() == {"spans": 3, "traces": 2, "request_traces": 1}
+    finally:
+        collector.stop()
+    assert collector.process.returncode is not None
 
 
 def test_unsampled_requests_export_nothing():
