@@ -6,8 +6,9 @@ Runs the real engine through steps of every shape the scheduler makes (prefill c
 several sizes, decode batches of several sizes and context lengths, and both mixed), then
 through short replays of generated traffic under each batching policy (the mix of steps that
 serving makes), records what each step computed and how long it took, and fits
-t = a + b prefill + c decode + d context + e sequences (workers/step_cost.py) on every other
-step; the steps left out measure the fit's error. The JSON it writes is what
+t = a + b prefill + c decode + d context + e sequences (workers/step_cost.py), plus the
+residual it leaves per step kind and batch-size bucket, on every other step; the steps left
+out measure the fit's error, with and without the residual tables. The JSON it writes is what
 `python -m benchmarks.scheduling --engine sim --step-cost FILE` and `manta train-scheduler`
 read.
 """
@@ -26,7 +27,7 @@ from benchmarks.traces import generate
 from kvstore.sampling_params import SamplingParams
 from workers import Engine, EngineConfig
 from workers.replay import WallClock, replay
-from workers.step_cost import StepCostModel, StepFeatures
+from workers.step_cost import BucketedStepCost, StepFeatures
 
 # (requests added at once, prompt tokens each, tokens generated each)
 SHAPES = [
@@ -90,16 +91,17 @@ def calibrate(model: str, threads: int | None, seed: int = 0, replay_s: float = 
     steps = run_steps(engine, vocab, seed + 1) + replay_steps(model, replay_s, seed)
     fit_steps, held_out = steps[::2], steps[1::2]
     # On seconds, not relative error: the simulator sums step times into latencies.
-    cost = StepCostModel.fit([f for f, _ in fit_steps], [s for _, s in fit_steps], relative=False)
-    error = cost.relative_error([f for f, _ in held_out], [s for _, s in held_out])
-    measured = sum(s for _, s in held_out)
-    sum_error = abs(sum(cost.seconds(f) for f, _ in held_out) - measured) / measured
+    cost = BucketedStepCost.fit([f for f, _ in fit_steps], [s for _, s in fit_steps])
+    features, seconds = [f for f, _ in held_out], [s for _, s in held_out]
+    measured = sum(seconds)
+    sum_error = abs(sum(cost.seconds(f) for f in features) - measured) / measured
     return {
         "model": model,
         "step_cost": cost,
         "steps": len(steps),
         "seconds": time.perf_counter() - started,
-        "held_out_relative_error": error,
+        "held_out_relative_error": cost.relative_error(features, seconds),
+        "held_out_relative_error_linear": cost.linear.relative_error(features, seconds),
         "held_out_total_error": sum_error,
         "machine": machine(),
     }
@@ -114,13 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = args.model or str(checkpoint("small"))
     result = calibrate(model, args.threads, args.seed)
-    cost: StepCostModel = result.pop("step_cost")
-    rows = [[name, f"{getattr(cost, name):.3g}"] for name in cost.__dataclass_fields__]
+    cost: BucketedStepCost = result.pop("step_cost")
+    line = cost.linear
+    rows = [[name, f"{getattr(line, name):.3g}"] for name in line.__dataclass_fields__]
+    rows += [[f"{kind} residual, batch bucket {b}", f"{r:.3g}"]
+             for kind, table in (("decode", cost.decode_residuals),
+                                 ("prefill", cost.prefill_residuals))
+             for b, r in enumerate(table)]  # fmt: skip
     load = result["machine"]["load_average_1m"]
     print_table(
         f"step cost on {result['steps']} steps of {model} (held-out error "
-        f"{result['held_out_relative_error']:.1%} per step, {result['held_out_total_error']:.1%} "
-        f"in total, load {load:.2f})",
+        f"{result['held_out_relative_error']:.1%} per step, the line alone "
+        f"{result['held_out_relative_error_linear']:.1%}; {result['held_out_total_error']:.1%} "
+        f"in total; load {load:.2f})",
         ["coefficient", "seconds per unit"],
         rows,
     )

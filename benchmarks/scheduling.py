@@ -31,7 +31,7 @@ from workers.policy_factory import POLICIES, make_batching_policy
 from workers.replay import ReplayResult, WallClock, replay, summarize
 from workers.request import Request
 from workers.simulator import SimSettings, admission_for, simulate
-from workers.step_cost import DEFAULT_STEP_COST_PATH, StepCostModel
+from workers.step_cost import DEFAULT_STEP_COST_PATH, BucketedStepCost, StepCost
 
 CONTRACT_KEYS = (
     "policy", "engine", "requests", "completed", "rejected", "goodput_rps",
@@ -48,7 +48,7 @@ def run_once(
     policy: str,
     engine: str,
     settings: SimSettings,
-    cost: StepCostModel,
+    cost: StepCost,
     model: str,
     learned: str | None = None,
 ) -> tuple[dict, ReplayResult]:
@@ -142,7 +142,7 @@ def simulator_error(runs: list[dict], family: str) -> list[dict]:
     return errors
 
 
-def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCostModel) -> dict:
+def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> dict:
     out_dir = Path(args.json).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, errors = [], []
@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cost = StepCostModel.load(args.step_cost or DEFAULT_STEP_COST_PATH)
+    cost = BucketedStepCost.load(args.step_cost or DEFAULT_STEP_COST_PATH)
     settings = SimSettings(slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
     if args.trace:
         trace = read_trace(args.trace)

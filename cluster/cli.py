@@ -275,10 +275,10 @@ def cmd_train_scheduler(args: argparse.Namespace) -> int:
     from workers.learned_policy import LearnedParams
     from workers.policy_search import policy_cost, train
     from workers.simulator import SimSettings
-    from workers.step_cost import DEFAULT_STEP_COST_PATH, StepCostModel
+    from workers.step_cost import DEFAULT_STEP_COST_PATH, BucketedStepCost
 
     traces = [read_trace(path) for path in args.trace]
-    cost = StepCostModel.load(args.step_cost or DEFAULT_STEP_COST_PATH)
+    cost = BucketedStepCost.load(args.step_cost or DEFAULT_STEP_COST_PATH)
     settings = SimSettings(slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
     start = LearnedParams.load(args.start) if args.start else LearnedParams.load()
     before = policy_cost(start, traces, cost, settings)

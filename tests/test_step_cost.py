@@ -14,7 +14,15 @@ from workers.block_pool import BlockPool
 from workers.kv_cache import KVCacheManager
 from workers.request import Request
 from workers.scheduler import Scheduler, SchedulerConfig
-from workers.step_cost import DEFAULT_STEP_COST_PATH, StepCostModel, StepFeatures, step_features
+from workers.step_cost import (
+    DEFAULT_STEP_COST_PATH,
+    NUM_BUCKETS,
+    BucketedStepCost,
+    StepCostModel,
+    StepFeatures,
+    seq_bucket,
+    step_features,
+)
 
 
 def test_features_count_prefill_decode_and_attention_pairs():
@@ -68,6 +76,53 @@ def test_file_round_trips_and_bad_files_are_named(tmp_path):
         StepCostModel.load(path)
     with pytest.raises(ValueError, match="at least"):
         StepCostModel.fit([StepFeatures(1, 0, 1, 1)], [0.1])
+
+
+def test_batch_size_buckets():
+    assert [seq_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 500)] == [
+        0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]  # fmt: skip
+    assert seq_bucket(0) == 0 and NUM_BUCKETS == 7
+
+
+def test_residual_tables_take_up_the_jumps_a_line_cannot():
+    """Steps that cost a line plus a jump (small decode batches cheaper, a step with prefill
+    dearer, as kernels change path): the tables bring the error far below the line's."""
+    rng = np.random.default_rng(1)
+    line = StepCostModel(a=4e-3, b_prefill=6e-5, c_decode=2e-5, d_context=2e-7, e_seqs=2e-4)
+
+    def truth(f: StepFeatures) -> float:
+        jump = -3e-3 if f.prefill_tokens == 0 and f.num_seqs <= 2 else 0.0
+        return line.seconds(f) + jump + (3e-3 if f.prefill_tokens else 0.0)
+
+    features = []
+    for _ in range(2000):
+        seqs = int(rng.integers(1, 48))
+        prefill = int(rng.integers(16, 1024)) if rng.random() < 0.4 else 0
+        decode = seqs - (prefill > 0)
+        features.append(StepFeatures(prefill, decode, prefill * prefill // 2 + 300 * decode, seqs))
+    seconds = [truth(f) * rng.uniform(0.97, 1.03) for f in features]
+    fit, held = slice(0, None, 2), slice(1, None, 2)
+    bucketed = BucketedStepCost.fit(features[fit], seconds[fit])
+    plain = bucketed.linear.relative_error(features[held], seconds[held])
+    assert bucketed.relative_error(features[held], seconds[held]) < 0.3 * plain
+    assert bucketed.decode_residuals[0] < 0 < bucketed.prefill_residuals[3]
+
+
+def test_bucketed_file_round_trips_and_older_files_load(tmp_path):
+    line = StepCostModel(a=1e-3, b_prefill=2e-5, c_decode=3e-5, d_context=0.0, e_seqs=1e-6)
+    cost = BucketedStepCost(line, tuple(range(NUM_BUCKETS)), (0.5,) * NUM_BUCKETS)
+    path = tmp_path / "cost.json"
+    cost.save(path, model_dir="somewhere")
+    assert BucketedStepCost.load(path) == cost
+    assert StepCostModel.load(path) == line  # the policies' part of the same file
+    line.save(path)  # written before the tables: none of them
+    assert BucketedStepCost.load(path) == BucketedStepCost(line)
+    assert isinstance(BucketedStepCost.load(DEFAULT_STEP_COST_PATH), BucketedStepCost)
+    record = json.loads(path.read_text())
+    record["residuals"] = {"decode": [0.0], "prefill": [0.0] * NUM_BUCKETS}
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="cost.json: bad residual tables"):
+        BucketedStepCost.load(path)
 
 
 def test_engine_reports_each_steps_features_and_time(tiny_model):

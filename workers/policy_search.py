@@ -25,7 +25,7 @@ from kvstore.trace import TraceRequest
 from workers.learned_policy import LearnedParams
 from workers.replay import summarize
 from workers.simulator import SimSettings, simulate
-from workers.step_cost import StepCostModel
+from workers.step_cost import StepCost
 
 # name -> (low, high, log scale): the box the search moves in.
 SEARCH_SPACE: dict[str, tuple[float, float, bool]] = {
@@ -77,7 +77,7 @@ def _from_unit(x: np.ndarray, base: LearnedParams) -> LearnedParams:
 def policy_cost(
     params: LearnedParams,
     traces: list[list[TraceRequest]],
-    cost: StepCostModel,
+    cost: StepCost,
     settings: SimSettings,
     machine_weight: float = 0.01,
 ) -> float:
@@ -92,7 +92,7 @@ def policy_cost(
 
 def train(
     traces: list[list[TraceRequest]],
-    cost: StepCostModel,
+    cost: StepCost,
     settings: SimSettings | None = None,
     rounds: int = 8,
     population: int = 16,

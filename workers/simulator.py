@@ -1,5 +1,5 @@
 """One worker's scheduling without its model: the real `Scheduler`, `KVCacheManager`, `BlockPool`
-and batching policy on a virtual clock, each step costing what a `StepCostModel` says.
+and batching policy on a virtual clock, each step costing what a step-cost model says.
 
 `SimulatedEngine` has the face of `workers.engine.Engine` that a trace replay uses (add, step,
 abort), so the same replay drives both and the simulator's error against the real engine is
@@ -25,7 +25,7 @@ from workers.policy_factory import make_batching_policy
 from workers.replay import ReplayResult, VirtualClock, replay
 from workers.request import Request
 from workers.scheduler import Scheduler, SchedulerConfig
-from workers.step_cost import StepCostModel, StepFeatures, step_features
+from workers.step_cost import StepCost, StepFeatures, step_features
 
 SIMULATED_TOKEN = 1  # what every simulated step "samples"
 
@@ -35,7 +35,7 @@ PolicyFactory = Callable[[StepTimeModel], BatchingPolicy]
 class SimulatedEngine:
     def __init__(
         self,
-        cost: StepCostModel,
+        cost: StepCost,
         policy: PolicyFactory,
         num_blocks: int,
         block_size: int = 16,
@@ -134,7 +134,7 @@ class SimSettings:
 def simulate(
     trace: list[TraceRequest],
     kind: str,
-    cost: StepCostModel,
+    cost: StepCost,
     settings: SimSettings | None = None,
     learned: LearnedParams | str | None = None,
     seed: int = 0,

@@ -7,6 +7,12 @@ of the dense layers (prefill and decode tokens batch differently on a GPU), `d` 
 query-key pair: a token attends to every position before it, so a long prompt's prefill grows
 quadratically), `e` per-sequence bookkeeping. `manta bench calibrate` fits the five
 from steps the engine measures on a machine and writes them as JSON for the simulator.
+
+The simulator adds to that line what it leaves unexplained, per step kind (decode only, or
+with prefill) and batch-size bucket (`BucketedStepCost`): kernels change path with the batch
+size (on this CPU a decode of 1-2 sequences costs half of one of 3, and a step with prefill
+pays a fixed extra for its attention path; CUDA graphs pad a batch up to a captured size),
+which no linear term follows. The batching policies keep the plain line, fitted online.
 """
 
 from __future__ import annotations
@@ -123,6 +129,76 @@ class StepCostModel:
         if not all(isinstance(v, int | float) and v >= 0 for v in values.values()):
             raise ValueError(f"{path}: step-cost coefficients must be numbers >= 0")
         return cls(**{k: float(v) for k, v in values.items()})
+
+
+# Batch-size buckets 1, 2, 3-4, 5-8, 9-16, 17-32, 33+.
+NUM_BUCKETS = 7
+
+
+def seq_bucket(num_seqs: int) -> int:
+    return min(max(num_seqs - 1, 0).bit_length(), NUM_BUCKETS - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketedStepCost:
+    """The simulator's step cost: the linear model plus the mean residual it leaves on steps of
+    the same kind (decode only, or with prefill) and batch-size bucket."""
+
+    linear: StepCostModel
+    decode_residuals: tuple[float, ...] = (0.0,) * NUM_BUCKETS
+    prefill_residuals: tuple[float, ...] = (0.0,) * NUM_BUCKETS
+
+    def __post_init__(self) -> None:
+        for table in (self.decode_residuals, self.prefill_residuals):
+            if len(table) != NUM_BUCKETS or not all(np.isfinite(table)):
+                raise ValueError(f"residual tables need {NUM_BUCKETS} finite numbers each")
+
+    def seconds(self, f: StepFeatures) -> float:
+        table = self.prefill_residuals if f.prefill_tokens else self.decode_residuals
+        return max(1e-6, self.linear.seconds(f) + table[seq_bucket(f.num_seqs)])
+
+    @classmethod
+    def fit(
+        cls, features: list[StepFeatures], seconds: list[float], min_steps: int = 8
+    ) -> BucketedStepCost:
+        """The line on the error in seconds, then each cell's mean residual (0 for a cell
+        with fewer than `min_steps` steps: too few to tell from noise)."""
+        linear = StepCostModel.fit(features, seconds, relative=False)
+        cells: dict[tuple[bool, int], list[float]] = {}
+        for f, s in zip(features, seconds):
+            key = (f.prefill_tokens > 0, seq_bucket(f.num_seqs))
+            cells.setdefault(key, []).append(s - linear.seconds(f))
+
+        def table(prefill: bool) -> tuple[float, ...]:
+            return tuple(
+                float(np.mean(r)) if len(r := cells.get((prefill, b), [])) >= min_steps else 0.0
+                for b in range(NUM_BUCKETS)
+            )
+
+        return cls(linear, table(False), table(True))
+
+    def relative_error(self, features: list[StepFeatures], seconds: list[float]) -> float:
+        errors = [abs(self.seconds(f) - s) / s for f, s in zip(features, seconds) if s > 0]
+        return float(np.mean(errors)) if errors else 0.0
+
+    def save(self, path: str | Path, **about: object) -> None:
+        residuals = {"decode": list(self.decode_residuals), "prefill": list(self.prefill_residuals)}
+        self.linear.save(path, residuals=residuals, **about)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BucketedStepCost:
+        """A calibration file; one written before the residual tables counts them as 0."""
+        linear = StepCostModel.load(path)
+        residuals = json.loads(Path(path).read_text()).get("residuals")
+        if residuals is None:
+            return cls(linear)
+        try:
+            return cls(linear, tuple(residuals["decode"]), tuple(residuals["prefill"]))
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path}: bad residual tables: {e}") from None
+
+
+StepCost = StepCostModel | BucketedStepCost  # what a simulated step is priced by
 
 
 class OnlineStepCost:
