@@ -126,19 +126,21 @@ def plot(path: Path, title: str, results: dict[str, ReplayResult], slo_ttft_s: f
 
 
 def simulator_error(runs: list[dict], family: str) -> list[dict]:
-    """|sim - real| / real for mean end-to-end latency and p99 TTFT, per policy."""
+    """|sim - real| / real for mean end-to-end latency and p99 TTFT, per policy, `real` being
+    the mean over the repeated real replays; beside it their own spread, (max - min) / mean:
+    the real engine's run-to-run noise, below which no simulator can be judged."""
     errors = []
     for policy in POLICIES:
-        pair = {r["engine"]: r for r in runs if r["trace"] == family and r["policy"] == policy}
-        sim, real = pair["sim"], pair["real"]
-        errors.append(
-            {
-                "trace": family,
-                "policy": policy,
-                "e2e_mean_error": abs(sim["e2e_mean_s"] - real["e2e_mean_s"]) / real["e2e_mean_s"],
-                "ttft_p99_error": abs(sim["ttft_p99_s"] - real["ttft_p99_s"]) / real["ttft_p99_s"],
-            }
-        )
+        mine = [r for r in runs if r["trace"] == family and r["policy"] == policy]
+        (sim,) = [r for r in mine if r["engine"] == "sim"]
+        reals = [r for r in mine if r["engine"] == "real"]
+        row = {"trace": family, "policy": policy, "real_replays": len(reals)}
+        for key, name in (("e2e_mean_s", "e2e_mean"), ("ttft_p99_s", "ttft_p99")):
+            values = [r[key] for r in reals]
+            mean = float(np.mean(values))
+            row[f"{name}_error"] = abs(sim[key] - mean) / mean
+            row[f"{name}_real_spread"] = (max(values) - min(values)) / mean
+        errors.append(row)
     return errors
 
 
@@ -151,16 +153,19 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
         write_trace(out_dir / f"trace-{family}.jsonl", trace)
         engines = ("sim", "real") if family in REAL_FAMILIES and not args.sim_only else ("sim",)
         for engine in engines:
-            results = {}
-            for policy in POLICIES:
-                summary, results[policy] = run_once(
-                    trace, policy, engine, settings, cost, args.model, args.learned
-                )
-                runs.append({"trace": family, **summary})
-                good = summary["goodput_rps"]
-                print(f"{family} {engine} {policy}: {good:.2f} good/s", flush=True)
-            title = f"{family} trace, {engine} engine"
-            plot(out_dir / f"scheduling-{family}-{engine}.png", title, results, settings.slo_ttft_s)
+            for repeat in range(args.real_repeats if engine == "real" else 1):
+                results = {}
+                for policy in POLICIES:
+                    summary, results[policy] = run_once(
+                        trace, policy, engine, settings, cost, args.model, args.learned
+                    )
+                    runs.append({"trace": family, "repeat": repeat, **summary})
+                    good = summary["goodput_rps"]
+                    print(f"{family} {engine} {policy}: {good:.2f} good/s", flush=True)
+                if repeat == 0:
+                    title = f"{family} trace, {engine} engine"
+                    path = out_dir / f"scheduling-{family}-{engine}.png"
+                    plot(path, title, results, settings.slo_ttft_s)
         if "real" in engines:
             errors += simulator_error(runs, family)
     return {
@@ -190,11 +195,14 @@ def report(results: dict) -> None:
             header = ["trace", "policy", "goodput/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p99"]
             header += ["e2e p99", "rejected", "CPU-s/Mtok"]
             print_table(f"{engine} engine", header, rows)
-        for family in {r["trace"] for r in runs if r["engine"] == engine}:
-            by = {r["policy"]: r for r in runs if r["engine"] == engine and r["trace"] == family}
+        replays = sorted({(r["trace"], r["repeat"]) for r in runs if r["engine"] == engine})
+        for family, repeat in replays:
+            key = (engine, family, repeat)
+            by = {r["policy"]: r for r in runs if (r["engine"], r["trace"], r["repeat"]) == key}
             fixed, adaptive, learned = by["fixed"], by["adaptive"], by["learned"]
+            which = f" (replay {repeat + 1})" if engine == "real" else ""
             print(
-                f"{engine} {family}: learned/fixed goodput "
+                f"{engine} {family}{which}: learned/fixed goodput "
                 f"{ratio(learned['goodput_rps'], fixed['goodput_rps'])}, p99 TTFT "
                 f"{ratio(learned['ttft_p99_s'], fixed['ttft_p99_s'])}; learned/adaptive goodput "
                 f"{ratio(learned['goodput_rps'], adaptive['goodput_rps'])}"
@@ -202,7 +210,9 @@ def report(results: dict) -> None:
     for e in results["simulator_error"]:
         print(
             f"simulator error, {e['trace']} {e['policy']}: mean e2e {e['e2e_mean_error']:.1%}, "
-            f"p99 TTFT {e['ttft_p99_error']:.1%}"
+            f"p99 TTFT {e['ttft_p99_error']:.1%} (against the mean of {e['real_replays']} real "
+            f"replays, which differ among themselves by {e['e2e_mean_real_spread']:.1%} and "
+            f"{e['ttft_p99_real_spread']:.1%})"
         )
     print(f"learned policy decision time: {results['learned_decision_us']:.1f} us per step")
     print(f"load average (1 min) at the end: {results['machine']['load_average_1m']:.2f}")
@@ -226,6 +236,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, default=16.0, help="suite: mean requests per second")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sim-only", action="store_true", help="suite: no real-engine replays")
+    p.add_argument(
+        "--real-repeats", type=int, default=2, help="suite: real replays of each trace and policy"
+    )
     p.add_argument("--json", default="benchmarks/results/scheduling.json")
     args = p.parse_args(argv)
     args.model = args.model or str(checkpoint("small"))

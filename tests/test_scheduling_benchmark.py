@@ -50,3 +50,24 @@ def test_the_sim_suite_compares_every_policy_on_every_family(tmp_path, capsys):
     assert 0 < results["learned_decision_us"] < 1e4
     assert (tmp_path / "scheduling-bursty-sim.png").stat().st_size > 1000
     assert "learned/fixed goodput" in capsys.readouterr().out
+
+
+def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spread():
+    from benchmarks.scheduling import simulator_error
+
+    def run(engine, policy, e2e, ttft, repeat=0):
+        return {"trace": "bursty", "engine": engine, "policy": policy, "repeat": repeat,
+                "e2e_mean_s": e2e, "ttft_p99_s": ttft}  # fmt: skip
+
+    runs = []
+    for policy in ("fixed", "adaptive", "learned"):
+        runs += [run("sim", policy, 2.2, 1.0), run("real", policy, 1.8, 1.0),
+                 run("real", policy, 2.2, 1.5, repeat=1)]  # fmt: skip
+    errors = simulator_error(runs, "bursty")
+    assert [e["policy"] for e in errors] == ["fixed", "adaptive", "learned"]
+    first = errors[0]
+    assert first["real_replays"] == 2
+    assert first["e2e_mean_error"] == pytest.approx(0.2 / 2.0)
+    assert first["ttft_p99_error"] == pytest.approx(0.25 / 1.25)
+    assert first["e2e_mean_real_spread"] == pytest.approx(0.4 / 2.0)
+    assert first["ttft_p99_real_spread"] == pytest.approx(0.5 / 1.25)

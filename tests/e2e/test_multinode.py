@@ -28,7 +28,7 @@ import pytest
 from benchmarks.redis_server import free_port
 from workers import LLM, SamplingParams
 
-RAY = str(Path(sys.executable).with_name("ray"))
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this Python
 SLOT = "manta_worker_slot"  # both nodes may hold workers: the head two, the second node one
 PROMPTS = [f"Ticket {i} was filed because" for i in range(12)]
 MAX_TOKENS = 96
@@ -50,7 +50,7 @@ class RayNode:
         # A short directory: Ray's socket paths under it must fit a Unix socket name.
         self.temp_dir = tempfile.mkdtemp(prefix=f"manta-{name}-", dir="/tmp")
         self.gcs_port = None if head else free_port()
-        args = [RAY, "start", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+        args = [*RAY, "start", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
                 f"--num-cpus={cpus}", f"--resources={json.dumps(resources)}"]  # fmt: skip
         for flag in ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
                      "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -113,14 +113,14 @@ class _gone_is_fine:
 def cluster(tiny_model):
     """The two nodes and `manta serve` on them; everything stopped afterwards."""
     nodes: list[RayNode] = []
-    server = None
+    server = log = None
     try:
         nodes.append(RayNode("head", cpus=2, resources={SLOT: 2}, head=None))
         head = nodes[0]
         nodes.append(RayNode("node2", cpus=1, resources={SLOT: 1, "second_node": 1},
                              head=head.address))  # fmt: skip
         port = free_port()
-        log = open(Path(head.temp_dir) / "manta-serve.log", "w")
+        log = open(Path(head.temp_dir) / "manta-serve.log", "w+")
         server = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "serve", "--model", tiny_model,
              "--served-model-name", "tiny-multinode", "--workers", "2",
@@ -139,6 +139,10 @@ def cluster(tiny_model):
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+        if log is not None:  # shown by pytest if the test failed
+            log.seek(0)
+            print("manta serve's output, its end:\n" + log.read()[-6000:])
+            log.close()
         for node in reversed(nodes):
             node.kill()
         deadline = time.monotonic() + 20
