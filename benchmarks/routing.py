@@ -20,6 +20,7 @@ import math
 import os
 import random
 import socket
+import statistics
 import sys
 import time
 from collections import deque
@@ -322,10 +323,14 @@ class BurstySettings:
     warmup_requests: int = 64  # unrelated prompts: wake the workers, teach the predictor
     publish_interval_s: float = 0.2
     seed: int = 0
+    # Runs of both policies, each on a trace of its own (seed + run), the order alternating:
+    # one run's ratio moves by as much as the policies differ.
+    repeats: int = 3
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BurstySettings:
-        settings = cls(duration_s=16.0, warmup_requests=48) if args.quick else cls()
+        settings = cls(duration_s=16.0, warmup_requests=48, repeats=1) if args.quick else cls()
+        settings.repeats = args.repeats or settings.repeats
         settings.duration_s = args.duration or settings.duration_s
         settings.calm_rate = args.calm_rate or settings.calm_rate
         settings.surge_factor = args.surge_factor or settings.surge_factor
@@ -436,31 +441,44 @@ async def drive_bursty(
 def run_bursty(args: argparse.Namespace) -> dict[str, Any]:
     settings = BurstySettings.from_args(args)
     model_dir = Path(args.model) if args.model else checkpoint(args.preset)
-    trace = make_bursty_trace(settings, ModelConfig.from_pretrained(model_dir).vocab_size)
-    policies: dict[str, dict[str, Any]] = {}
+    vocab_size = ModelConfig.from_pretrained(model_dir).vocab_size
+    trace = make_bursty_trace(settings, vocab_size)
+    runs: list[dict[str, dict[str, Any]]] = []
+    counts: list[int] = []  # requests in each run's trace
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for policy in BURSTY_SERVED:
-            config = bursty_config(model_dir, settings, policy)
-            serve.run(build_app(config), name="manta-routing", route_prefix="/")
-            try:
-                base_url = f"http://127.0.0.1:{port}"
-                policies[policy] = asyncio.run(
-                    drive_bursty(base_url, config.model_name, settings, trace)
-                )
-            finally:
-                serve.delete("manta-routing")
-                kill_index_actor(config.model_name)
+        for repeat in range(settings.repeats):
+            run_settings = dataclasses.replace(settings, seed=settings.seed + repeat)
+            if repeat:  # fresh prompts and arrivals for every run
+                trace = make_bursty_trace(run_settings, vocab_size)
+            order = BURSTY_SERVED if repeat % 2 == 0 else BURSTY_SERVED[::-1]
+            runs.append({})
+            counts.append(len(trace))
+            for policy in order:
+                config = bursty_config(model_dir, settings, policy)
+                serve.run(build_app(config), name="manta-routing", route_prefix="/")
+                try:
+                    base_url = f"http://127.0.0.1:{port}"
+                    runs[-1][policy] = asyncio.run(
+                        drive_bursty(base_url, config.model_name, run_settings, trace)
+                    )
+                finally:
+                    serve.delete("manta-routing")
+                    kill_index_actor(config.model_name)
     finally:
         serve.shutdown()
         ray.shutdown()
-    base = policies["prefix"]
-    for metrics in policies.values():
-        metrics["goodput_vs_prefix"] = metrics["goodput_rps"] / max(base["goodput_rps"], 1e-9)
-        metrics["hit_rate_vs_prefix"] = metrics["hit_rate"] / max(base["hit_rate"], 1e-9)
+    policies = {policy: {key: statistics.fmean(run[policy][key] for run in runs)
+                         for key in runs[0][policy]}
+                for policy in BURSTY_SERVED}  # fmt: skip
+    for run in [*runs, policies]:  # each run's ratios, and those of the means
+        base = run["prefix"]
+        for metrics in run.values():
+            metrics["goodput_vs_prefix"] = metrics["goodput_rps"] / max(base["goodput_rps"], 1e-9)
+            metrics["hit_rate_vs_prefix"] = metrics["hit_rate"] / max(base["hit_rate"], 1e-9)
     return {
         "benchmark": "routing",
         "mix": "bursty",
@@ -468,10 +486,12 @@ def run_bursty(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             **dataclasses.asdict(settings),
             "num_blocks": settings.num_blocks,
-            "num_requests": len(trace),
+            "num_requests": round(statistics.fmean(counts)),
+            "requests_per_run": counts,
         },  # fmt: skip
         "machine": machine(),
         "policies": policies,
+        "runs": runs,
     }
 
 
@@ -491,7 +511,13 @@ def report_bursty(results: dict[str, Any]) -> None:
          f"{m['goodput_vs_prefix']:.2f}x", f"{m['hit_rate_vs_prefix']:.2f}x"]
         for policy, m in policies.items()
     ]  # fmt: skip
+    if len(results["runs"]) > 1:
+        title += f"; the mean of {len(results['runs'])} runs"
     print_table(title, header, rows)
+    for i, run in enumerate(results["runs"]):
+        m = run["predicted_latency"]
+        print(f"run {i + 1}: goodput {m['goodput_vs_prefix']:.2f}x, hit rate "
+              f"{m['hit_rate_vs_prefix']:.2f}x the prefix score's")  # fmt: skip
     predicted = policies["predicted_latency"]
     met = predicted["goodput_vs_prefix"] >= 1.2 and predicted["hit_rate_vs_prefix"] >= 0.95
     print(
@@ -588,6 +614,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="bursty: seconds of arrivals")
     parser.add_argument("--calm-rate", type=float, help="bursty: requests/s between surges")
     parser.add_argument("--surge-factor", type=float, help="bursty: a surge's rate over calm")
+    parser.add_argument(
+        "--repeats", type=int, help="bursty: runs of both policies, each on its own trace (3)"
+    )
     parser.add_argument("--quick", action="store_true", help="a short run on a tiny model")
     parser.add_argument("--out", help="default: benchmarks/results/routing[-bursty].json")
     args = parser.parse_args(argv)

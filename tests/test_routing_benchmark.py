@@ -92,3 +92,6 @@ def test_bursty_mix_serves_every_request_under_both_policies(bursty: dict[str, A
         assert metrics["ttft_p50_s"] <= metrics["ttft_p99_s"]
         assert math.isfinite(metrics["goodput_vs_prefix"])
     assert policies["prefix"]["goodput_vs_prefix"] == 1
+    (run,) = bursty["runs"]  # quick: one run, and the means are that run's figures
+    assert run["predicted_latency"]["goodput_rps"] == policies["predicted_latency"]["goodput_rps"]
+    assert bursty["settings"]["requests_per_run"] == [bursty["settings"]["num_requests"]]
