@@ -12,6 +12,7 @@ import httpx
 import pytest
 from ray import serve
 
+from benchmarks.chaos import wait_pool_whole
 from benchmarks.common import sse_lines
 from cluster.app import WORKER_DEPLOYMENT, build_app
 from cluster.config import ClusterConfig
@@ -104,3 +105,5 @@ def test_a_burst_scales_workers_up_and_quiet_scales_them_down(scaling):
     with httpx.Client(base_url=base_url, timeout=60, trust_env=False) as client:
         body = {"model": model, "prompt": [4, 5, 6], "max_tokens": 4}
         assert client.post("/v1/completions", json=body).status_code == 200
+    whole, _ = wait_pool_whole(base_url)
+    assert whole, "the worker left holds KV blocks or requests"

@@ -389,3 +389,4 @@ def test_manta_status_lists_workers_and_the_index(served, client):
     table = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout
     assert "2 worker(s)" in table and "reachable" in table
     assert all(w["worker"] in table for w in answer["workers"])
+    wait_pools_whole(served)

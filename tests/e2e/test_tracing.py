@@ -12,6 +12,7 @@ import httpx
 import pytest
 from ray import serve
 
+from benchmarks.chaos import wait_pool_whole
 from benchmarks.otlp_collector import Collector
 from cluster.app import build_app
 from cluster.config import ClusterConfig
@@ -91,3 +92,5 @@ def test_every_request_is_one_trace_across_router_and_worker(traced_app):
         assert phases["prefill"].attributes["manta.tokens_from_store"] == 0  # no shared store
         decode = phases["decode"].attributes
         assert 0 <= decode["manta.spec.accepted"] <= decode["manta.spec.proposed"]
+    whole, _ = wait_pool_whole(base_url)
+    assert whole, "tracing left KV blocks or requests held"
