@@ -229,6 +229,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine", choices=("real", "sim"), default="sim")
     p.add_argument("--model", help="checkpoint directory (default: the small preset)")
     p.add_argument("--step-cost", help="the simulator's step cost (manta bench calibrate)")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit the step cost on this machine first, in this run (about 2 minutes): the "
+        "machine's speed drifts, and the simulator's error is then judged at today's",
+    )
     p.add_argument("--learned", help="learned policy parameters (default: the shipped ones)")
     p.add_argument("--slo-ttft", type=float, default=1.0, help="seconds to first token")
     p.add_argument("--slo-itl", type=float, default=0.025, help="mean seconds per output token")
@@ -247,7 +253,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cost = BucketedStepCost.load(args.step_cost or DEFAULT_STEP_COST_PATH)
+    if args.calibrate:
+        from benchmarks.calibrate import calibrate
+
+        calibration = calibrate(args.model, threads=None)
+        cost = calibration["step_cost"]
+        print(f"calibrated: held-out error {calibration['held_out_relative_error']:.1%} a step")
+    else:
+        cost = BucketedStepCost.load(args.step_cost or DEFAULT_STEP_COST_PATH)
     settings = SimSettings(slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)
     if args.trace:
         trace = read_trace(args.trace)

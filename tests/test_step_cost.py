@@ -137,3 +137,17 @@ def test_engine_reports_each_steps_features_and_time(tiny_model):
         assert seconds > 0
         seen.append((features.prefill_tokens, features.decode_tokens))
     assert seen == [(8, 0), (4, 0), (0, 1), (0, 1)]  # a chunked prompt, then two decodes
+
+
+def test_calibration_fits_the_engines_own_steps(tiny_model):
+    """`manta bench calibrate` (and `benchmarks.scheduling --calibrate`): the engine's steps of
+    every shape and a short replay of each policy, a fit that prices them, its held-out error."""
+    from benchmarks.calibrate import calibrate
+
+    result = calibrate(tiny_model, threads=1, replay_s=1.0)
+    cost = result["step_cost"]
+    assert isinstance(cost, BucketedStepCost) and result["steps"] > 500
+    assert cost.linear.a > 0 and any(cost.decode_residuals) and any(cost.prefill_residuals)
+    assert 0 <= result["held_out_relative_error"] < 1
+    assert result["held_out_relative_error"] <= result["held_out_relative_error_linear"] + 0.05
+    assert result["held_out_total_error"] < 0.2
