@@ -263,6 +263,18 @@ def machine() -> dict[str, Any]:
     }
 
 
+def matmul_gflops(seconds: float = 0.3, size: int = 512) -> float:
+    """This machine's float32 matrix-product speed now, on torch's threads: a shared
+    machine's speed drifts, and a figure measured beside each timed run shows by how much."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / elapsed / 1e9
+
+
 def fmt(value: float) -> str:
     """A number in a table cell: three significant digits, thousands grouped."""
     if value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-3):

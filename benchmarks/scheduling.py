@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import checkpoint, fmt, machine, print_table, write_json
+from benchmarks.common import checkpoint, fmt, machine, matmul_gflops, print_table, write_json
 from benchmarks.traces import generate
 from kvstore.sampling_params import SamplingParams
 from kvstore.trace import TraceRequest, read_trace, write_trace
@@ -156,10 +156,11 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
             for repeat in range(args.real_repeats if engine == "real" else 1):
                 results = {}
                 for policy in POLICIES:
+                    speed = matmul_gflops()
                     summary, results[policy] = run_once(
                         trace, policy, engine, settings, cost, args.model, args.learned
                     )
-                    runs.append({"trace": family, "repeat": repeat, **summary})
+                    runs.append({"trace": family, "repeat": repeat, "gflops": speed, **summary})
                     good = summary["goodput_rps"]
                     print(f"{family} {engine} {policy}: {good:.2f} good/s", flush=True)
                 if repeat == 0:
@@ -187,13 +188,14 @@ def report(results: dict) -> None:
                 r["trace"], r["policy"], fmt(r["goodput_rps"]), fmt(r["throughput_tok_s"]),
                 fmt(r["ttft_p50_s"]), fmt(r["ttft_p99_s"]), fmt(r["itl_p99_s"]),
                 fmt(r["e2e_p99_s"]), str(r["rejected"]), fmt(r["cpu_s_per_mtok"]),
+                f"{r['gflops']:.0f}",
             ]
             for r in runs
             if r["engine"] == engine
         ]  # fmt: skip
         if rows:
             header = ["trace", "policy", "goodput/s", "tok/s", "TTFT p50", "TTFT p99", "ITL p99"]
-            header += ["e2e p99", "rejected", "CPU-s/Mtok"]
+            header += ["e2e p99", "rejected", "CPU-s/Mtok", "GFLOP/s before"]
             print_table(f"{engine} engine", header, rows)
         replays = sorted({(r["trace"], r["repeat"]) for r in runs if r["engine"] == engine})
         for family, repeat in replays:
@@ -256,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate:
         from benchmarks.calibrate import calibrate
 
+        before = matmul_gflops()
         calibration = calibrate(args.model, threads=None)
         cost = calibration["step_cost"]
-        print(f"calibrated: held-out error {calibration['held_out_relative_error']:.1%} a step")
+        print(f"calibrated at {before:.0f}-{matmul_gflops():.0f} GFLOP/s: held-out error "
+              f"{calibration['held_out_relative_error']:.1%} a step")  # fmt: skip
     else:
         cost = BucketedStepCost.load(args.step_cost or DEFAULT_STEP_COST_PATH)
     settings = SimSettings(slo_ttft_s=args.slo_ttft, slo_itl_s=args.slo_itl)

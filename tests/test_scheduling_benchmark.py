@@ -48,6 +48,7 @@ def test_the_sim_suite_compares_every_policy_on_every_family(tmp_path, capsys):
     families = ("poisson", "diurnal", "bursty", "heavy_tailed", "shared_prefix")
     assert runs == {(f, p) for f in families for p in ("fixed", "adaptive", "learned")}
     assert 0 < results["learned_decision_us"] < 1e4
+    assert all(r["gflops"] > 0 for r in results["runs"])  # the machine's speed beside each run
     assert (tmp_path / "scheduling-bursty-sim.png").stat().st_size > 1000
     assert "learned/fixed goodput" in capsys.readouterr().out
 
