@@ -92,11 +92,13 @@ class Collector:
         return out
 
     def summary(self) -> dict[str, int]:
-        """Spans received, traces, and traces holding a request's root (`POST ...`) span."""
+        """Spans received, traces, traces holding a request's root (`POST ...`) span, and of
+        those with spans from more than one service (the router's and a worker's)."""
         traces = self.traces()
-        rooted = sum(any(s.name.startswith("POST") for s in spans) for spans in traces.values())
+        rooted = [s for s in traces.values() if any(x.name.startswith("POST") for x in s)]
+        crossed = sum(len({x.service for x in spans}) > 1 for spans in rooted)
         return {"spans": sum(map(len, traces.values())), "traces": len(traces),
-                "request_traces": rooted}  # fmt: skip
+                "request_traces": len(rooted), "two_service_traces": crossed}  # fmt: skip
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }  # fmt: skip
     results["on"]["requests_sent"] = len(latencies["on"]) + 8 * args.rounds  # with warm-ups
     results["on"]["traces_received"] = received["request_traces"]
+    results["on"]["traces_router_and_worker"] = received["two_service_traces"]
     return {"benchmark": "tracing", "machine": machine(), "modes": results,
             "p50_on_vs_off": results["on"]["p50_s"] / results["off"]["p50_s"]}  # fmt: skip
 
@@ -117,7 +118,8 @@ def report(results: dict[str, Any]) -> None:
     ratio = results["p50_on_vs_off"]
     on = modes["on"]
     print(f"p50 on / off: {ratio:.3f} (target <= 1.03); traces received: "
-          f"{on['traces_received']} of {on['requests_sent']} requests sent")  # fmt: skip
+          f"{on['traces_received']} of {on['requests_sent']} requests sent, "
+          f"{on['traces_router_and_worker']} with the router's and the worker's spans")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

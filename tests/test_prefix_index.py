@@ -99,7 +99,9 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[IndexFactory]:
         if url is None:
             index: PrefixIndex = InMemoryPrefixIndex(ttl_s=ttl_s, clock=clock)
         else:
-            index = RedisPrefixIndex(url, namespace, ttl_s=ttl_s, clock=clock)
+            # What these tests check is the index's answers: a loaded machine must not turn a
+            # slow reply into the outage path (that is tests/test_redis_faults.py's).
+            index = RedisPrefixIndex(url, namespace, ttl_s=ttl_s, clock=clock, socket_timeout_s=5)
             namespaces.append(namespace)
         created.append(index)
         return index

@@ -64,15 +64,20 @@ def test_a_collector_in_its_own_process_counts_what_it_received():
     """The tracing benchmark's collector runs apart from the load's process."""
     collector = CollectorProcess()
     try:
-        tracer = make_tracer({"endpoint": collector.url}, "router-side", export_delay_s=0.05)
-        root = tracer.start_span("POST /v1/completions")
-        tracer.start_span("generate", context=set_span_in_context(root)).end()
-        root.end()
+        settings = {"endpoint": collector.url}
+        tracer = make_tracer(settings, "router-side", export_delay_s=0.05)
+        worker = make_tracer(settings, "worker-side", export_delay_s=0.05)
+        for crossing in (True, False):
+            root = tracer.start_span("POST /v1/completions")
+            side = worker if crossing else tracer
+            side.start_span("generate", context=set_span_in_context(root)).end()
+            root.end()
         tracer.start_span("orphan").end()
         deadline = time.time() + 10
-        while collector.summary()["spans"] < 3 and time.time() < deadline:
+        while collector.summary()["spans"] < 5 and time.time() < deadline:
             time.sleep(0.05)
-        assert collector.summary() == {"spans": 3, "traces": 2, "request_traces": 1}
+        assert collector.summary() == {
+            "spans": 5, "traces": 3, "request_traces": 2, "two_service_traces": 1}  # fmt: skip
     finally:
         collector.stop()
     assert collector.process.returncode is not None

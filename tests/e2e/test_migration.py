@@ -101,8 +101,19 @@ def test_streams_and_plain_requests_survive_a_worker_killed_mid_stream(base_url,
     assert whole, worker_stats(base_url)
 
 
+def running_workers() -> int:
+    states = serve.status().applications["migrate"].deployments["MantaWorker"].replica_states
+    return states.get("RUNNING", 0)
+
+
 def test_health_says_503_while_no_worker_runs_and_recovers(base_url):
     assert httpx.get(base_url + "/ready").json()["model"] == NAME
+    # Both replicas up first: one the controller has not created yet (the replacement of the
+    # worker killed before) would escape the kill and keep the app serving.
+    deadline = time.time() + 90
+    while running_workers() != 2:
+        assert time.time() < deadline, "the two workers never ran again"
+        time.sleep(0.2)
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if "MantaWorker" in actor["name"] and "migrate" in actor["name"]:
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]))
