@@ -81,11 +81,12 @@ async def traced(
     output = 0
     try:
         async for delta in stream:
+            if not output:  # the first deltas: the router has chosen by now
+                decision = take_routing(request_id)
+                if decision is not None:
+                    span.set_attribute("manta.routing.score_kind", decision[0])
+                    span.set_attribute("manta.routing.candidates", json.dumps(decision[1]))
             output = delta.num_output_tokens or output
-            decision = take_routing(request_id)
-            if decision is not None:
-                span.set_attribute("manta.routing.score_kind", decision[0])
-                span.set_attribute("manta.routing.candidates", json.dumps(decision[1]))
             if delta.finished:
                 span.set_attribute("manta.worker", delta.worker_id)
                 span.set_attribute("manta.finish_reason", delta.finish_reason or "stop")
