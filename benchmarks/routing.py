@@ -377,7 +377,8 @@ def bursty_config(model_dir: Path, settings: BurstySettings, policy: str) -> Clu
         publish_interval_s=settings.publish_interval_s,
         slo_ttft_s=None,  # nothing shed: both policies serve every request, judged by the SLOs
         engine=dict(block_size=BLOCK_SIZE, num_blocks=settings.num_blocks),
-        router=RouterSettings(policy=policy),
+        # The SLO the goodput is judged by, which predicted latency routing aims at.
+        router=RouterSettings(policy=policy, slo_ttft_s=settings.slo_ttft_s),
     )
 
 

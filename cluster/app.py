@@ -65,7 +65,6 @@ def build_app(config: ClusterConfig) -> Application:
             engine_config, tokenizer_factory, frontend, config.http_settings(), **shared,
             **worker_kwargs,
         )  # fmt: skip
-    router_kwargs = config.router.model_dump(exclude={"affinity_prefix_tokens"})
     worker = serve.deployment(WorkerDeployment).options(
         name=WORKER_DEPLOYMENT,
         **replicas(config),
@@ -74,7 +73,7 @@ def build_app(config: ClusterConfig) -> Application:
         ray_actor_options=worker_resources(config),
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAwareRequestRouter,
-            request_router_kwargs=router_kwargs,
+            request_router_kwargs=router_kwargs(config),
             request_routing_stats_period_s=1.0,
         ),
         health_check_period_s=5.0,
@@ -89,6 +88,14 @@ def build_app(config: ClusterConfig) -> Application:
     )
     http = {**config.http_settings(), "worker_deployment": WORKER_DEPLOYMENT}
     return ingress.bind(workers, tokenizer_factory, frontend, http, **shared)
+
+
+def router_kwargs(config: ClusterConfig) -> dict:
+    """The request router's settings; it aims at the cluster's TTFT SLO unless given its own."""
+    kwargs = config.router.model_dump(exclude={"affinity_prefix_tokens"})
+    if kwargs["slo_ttft_s"] is None:
+        kwargs["slo_ttft_s"] = config.slo_ttft_s
+    return kwargs
 
 
 def replicas(config: ClusterConfig) -> dict:

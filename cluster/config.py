@@ -47,6 +47,14 @@ class RouterSettings(BaseModel):
         description="predicted_latency: among workers predicted within this many seconds "
         "of the fastest, the one holding most of the prompt wins.",
     )
+    slo_ttft_s: float | None = Field(
+        None,
+        gt=0,
+        description="predicted_latency: the time to first token to keep workers within. A "
+        "request no worker is predicted to meet it on, though an idle one would, goes to the "
+        "slowest worker rather than push one that still meets it past it. None: the "
+        "cluster's slo_ttft_s.",
+    )
     affinity_prefix_tokens: int = Field(
         64, ge=1, description="Leading prompt tokens that define a tenant for affinity."
     )

@@ -143,6 +143,10 @@ class LatencyPredictor:
     def predict(self, x: np.ndarray) -> float:
         return self.regression.predict(x)
 
+    def predict_idle(self, new_tokens: int) -> float:
+        """The TTFT of a request computing `new_tokens` on a worker with nothing else to do."""
+        return self.predict(features(new_tokens, 0, 0, 0, 0.0))
+
     def routed(self, request_id: str, worker: str, x: np.ndarray, new_tokens: int) -> None:
         self._expire()
         if request_id in self._routed:  # a repeated id: keep the first, never count twice

@@ -85,15 +85,27 @@ def rank(scores: dict[str, float]) -> list[str]:
 
 
 def rank_by_latency(
-    predicted: dict[str, float], hint: RoutingHint | None, slack_s: float
+    predicted: dict[str, float],
+    hint: RoutingHint | None,
+    slack_s: float,
+    slo_s: float | None = None,
+    alone_s: float = 0.0,
 ) -> list[str]:
     """Fastest first, but among those within `slack_s` of the fastest: most cached blocks,
-    then the tenant's home (when no worker holds the prompt), then the faster."""
-    matched = hint.matched_blocks if hint is not None else {}
+    then the tenant's home (when no worker holds the prompt), then the faster.
+
+    When no worker is predicted to meet `slo_s`, though the request would meet it on an idle
+    worker (`alone_s`: its predicted TTFT with no queue), it is late only because of the
+    queues. It then goes to the slowest worker, where it delays only requests that are late
+    already, instead of pushing a worker that still meets the SLO past it (which would make
+    every request there late, and so on through the cluster in a surge)."""
     workers = list(predicted)
+    best = min(predicted.values())
+    if slo_s is not None and best > slo_s >= alone_s:
+        return sorted(workers, key=lambda w: (-predicted[w], w))
+    matched = hint.matched_blocks if hint is not None else {}
     cold = not any(matched.get(w, 0) for w in workers)
     home = rendezvous_home(hint.affinity_key, workers) if hint is not None and cold else None
-    best = min(predicted.values())
 
     def key(worker: str):
         near = predicted[worker] <= best + slack_s
@@ -108,11 +120,16 @@ class PrefixAwareRequestRouter(RequestRouter):
     """Ray Serve request router over worker replicas; never raises (a raise hangs a request)."""
 
     def initialize_state(
-        self, policy: str = "prefix", latency_slack_s: float = 0.05, **weights: float
+        self,
+        policy: str = "prefix",
+        latency_slack_s: float = 0.05,
+        slo_ttft_s: float | None = None,
+        **weights: float,
     ) -> None:
         self.policy = policy
         self.weights = RoutingWeights(**weights)
         self.latency_slack_s = latency_slack_s
+        self.slo_ttft_s = slo_ttft_s
         self.predictor = LatencyPredictor()
         self._predicting = False  # the fit has been trusted once (and that was logged)
         self._in_flight: defaultdict[str, int] = defaultdict(int)
@@ -170,10 +187,12 @@ class PrefixAwareRequestRouter(RequestRouter):
                 reports = (replica.routing_stats or {}).get("first_tokens") or []
                 self.predictor.first_tokens(reports)
             if request is not None:
-                predicted = self._predict(request, loads)  # learned from even before it is used
+                predicted, alone = self._predict(request, loads)  # learned from before use
                 if self.predictor.ready:
                     self._log_once()
-                    ranked = rank_by_latency(predicted, hint, self.latency_slack_s)
+                    ranked = rank_by_latency(
+                        predicted, hint, self.latency_slack_s, self.slo_ttft_s, alone
+                    )
                     note_routing(request, "predicted_ttft_s", predicted)
                     return [[by_id[w]] for w in ranked]
         scores = score_workers(list(by_id), hint, loads, self.weights)
@@ -188,6 +207,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             logger.info("predicted-latency routing on: TTFT fit [%s]", theta)
 
     def _predict(self, request: GenerateRequest, loads: dict[str, WorkerLoad]):
+        """Each worker's predicted TTFT, and the request's on an idle worker holding as much
+        of its prompt as the best of them."""
         hint = request.routing
         matched = hint.matched_blocks if hint is not None else {}
         block_size = hint.block_size if hint is not None else 0
@@ -200,7 +221,8 @@ class PrefixAwareRequestRouter(RequestRouter):
             )
             for worker, load in loads.items()
         }
-        return self.predictor.predict_workers(request.request_id, workers)
+        alone = self.predictor.predict_idle(min(new for new, _, _ in workers.values()))
+        return self.predictor.predict_workers(request.request_id, workers), alone
 
     def on_request_routed(self, pending_request, replica_id: ReplicaID, result) -> None:
         worker = replica_id.unique_id

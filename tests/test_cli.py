@@ -81,6 +81,20 @@ def test_serve_takes_the_router_policy(tmp_path):
     assert serve_config(parse(["serve"])).router.policy == "prefix"
 
 
+def test_the_router_aims_at_the_cluster_ttft_slo_unless_given_its_own():
+    from cluster.app import router_kwargs
+    from cluster.cli import build_parser, serve_config
+
+    parse = build_parser().parse_args
+    config = serve_config(parse(["serve", "--router-policy", "predicted-latency",
+                                 "--slo-ttft-s", "0.8"]))  # fmt: skip
+    kwargs = router_kwargs(config)
+    assert kwargs["policy"] == "predicted_latency" and kwargs["slo_ttft_s"] == 0.8
+    assert "affinity_prefix_tokens" not in kwargs  # the ingress's, not the router's
+    own = config.model_copy(update={"router": config.router.model_copy(update={"slo_ttft_s": 1.5})})
+    assert router_kwargs(own)["slo_ttft_s"] == 1.5
+
+
 def test_serve_takes_autoscaling_flags(tmp_path):
     from cluster.app import replicas
     from cluster.cli import build_parser, serve_config

@@ -104,6 +104,19 @@ def test_cold_prompts_go_home_among_the_fast():
         assert rank_by_latency(far, hint({}, key), slack_s=0.05)[0] != home
 
 
+def test_a_request_late_only_for_the_queues_goes_where_requests_are_late_already():
+    """Past the SLO everywhere, it joins the slowest worker rather than tip the one still
+    within it; past the SLO even alone (too long a prompt), it takes the fastest as ever."""
+    predicted = {"w-a": 1.4, "w-b": 3.0, "w-c": 1.1}
+    queued = rank_by_latency(predicted, hint({}), slack_s=0.05, slo_s=1.0, alone_s=0.3)
+    assert queued == ["w-b", "w-a", "w-c"]
+    too_long = rank_by_latency(predicted, hint({}), slack_s=0.05, slo_s=1.0, alone_s=1.05)
+    assert too_long[0] == "w-c"
+    within = {"w-a": 0.9, "w-b": 3.0}
+    assert rank_by_latency(within, hint({}), slack_s=0.05, slo_s=1.0, alone_s=0.3)[0] == "w-a"
+    assert rank_by_latency(predicted, hint({}), slack_s=0.05, slo_s=None)[0] == "w-c"
+
+
 def test_the_whole_cycle_learns_before_it_is_trusted():
     """Predictions are made and remembered from the first request, so first tokens reported
     for requests routed by the fallback score teach the fit that later takes over; a worker
@@ -122,4 +135,5 @@ def test_the_whole_cycle_learns_before_it_is_trusted():
     assert predictor.ready and predictor.regression.num_samples == 40
     predicted = predictor.predict_workers("next", {"w-a": (200, 6, 0.1), "w-b": (200, 0, 0.1)})
     assert predicted["w-b"] < predicted["w-a"]
+    assert predictor.predict_idle(200) == pytest.approx(predicted["w-b"], abs=0.05)
     assert predictor.features("w-a", 0, 0, 0.0)[FEATURES.index("backlog_requests")] == 0
