@@ -27,7 +27,7 @@ from benchmarks.traces import generate
 from kvstore.sampling_params import SamplingParams
 from workers import Engine, EngineConfig
 from workers.replay import WallClock, replay
-from workers.step_cost import BucketedStepCost, StepFeatures
+from workers.step_cost import BucketedStepCost, StepCost, StepFeatures, speed_factors
 
 # (requests added at once, prompt tokens each, tokens generated each)
 SHAPES = [
@@ -36,7 +36,9 @@ SHAPES = [
 ]  # fmt: skip
 
 
-def run_steps(engine: Engine, vocab_size: int, seed: int = 0) -> list[tuple[StepFeatures, float]]:
+def run_steps(
+    engine: Engine, vocab_size: int, seed: int = 0, shapes: list[tuple[int, int, int]] = SHAPES
+) -> list[tuple[StepFeatures, float]]:
     """Every step of every shape, plus each shape joined mid-decode by a second wave (prefill
     chunks beside running decodes)."""
     rng = np.random.default_rng(seed)
@@ -58,13 +60,26 @@ def run_steps(engine: Engine, vocab_size: int, seed: int = 0) -> list[tuple[Step
             if joiner is not None and step == 6:
                 add(*joiner)
 
-    for count, prompt, output in SHAPES:
+    for count, prompt, output in shapes:
         add(count, prompt, output)
         drain()
-    for (count, prompt, output), joiner in zip(SHAPES, reversed(SHAPES)):
+    for (count, prompt, output), joiner in zip(shapes, reversed(shapes)):
         add(count, prompt, output)
         drain(joiner)
     return steps
+
+
+# A few seconds of steps across the batch sizes: the machine's speed of the moment.
+PROBE_SHAPES = [(1, 192, 12), (8, 192, 16), (32, 160, 12), (64, 128, 8)]
+
+
+def probe_speed(model: str, cost: StepCost, seed: int = 0) -> tuple[float, float]:
+    """How much slower (> 1) or faster than `cost` predicts this machine runs decode-only
+    steps and steps with prefill now, from the steps of `PROBE_SHAPES` on a fresh engine."""
+    engine = Engine(EngineConfig(model=model, kv_cache_bytes=256 * 2**20, seed=seed))
+    vocab = engine.model_config.vocab_size
+    run_steps(engine, vocab, seed, PROBE_SHAPES[:2])  # warm-up: one-off costs of first steps
+    return speed_factors(cost, run_steps(engine, vocab, seed + 1, PROBE_SHAPES))
 
 
 # (trace family, batching policy): a few seconds of serving-like steps each.

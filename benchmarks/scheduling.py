@@ -31,7 +31,7 @@ from workers.policy_factory import POLICIES, make_batching_policy
 from workers.replay import ReplayResult, WallClock, replay, summarize
 from workers.request import Request
 from workers.simulator import SimSettings, admission_for, simulate
-from workers.step_cost import DEFAULT_STEP_COST_PATH, BucketedStepCost, StepCost
+from workers.step_cost import DEFAULT_STEP_COST_PATH, BucketedStepCost, ScaledStepCost, StepCost
 
 CONTRACT_KEYS = (
     "policy", "engine", "requests", "completed", "rejected", "goodput_rps",
@@ -40,6 +40,8 @@ CONTRACT_KEYS = (
 FAMILIES = ("poisson", "diurnal", "bursty", "heavy_tailed", "shared_prefix")
 REAL_FAMILIES = ("bursty", "shared_prefix")
 # Sized for the small preset on two CPU cores: a few hundred tokens a prompt.
+# The simulator rerun with its step cost carried to the speed the real replays ran at.
+SIM_AT_REPLAY_SPEED = "sim_at_replay_speed"
 LENGTHS = dict(prompt_tokens=192, output_tokens=48, max_prompt_tokens=1024, max_output_tokens=192)
 
 
@@ -133,6 +135,7 @@ def simulator_error(runs: list[dict], family: str) -> list[dict]:
     for policy in POLICIES:
         mine = [r for r in runs if r["trace"] == family and r["policy"] == policy]
         (sim,) = [r for r in mine if r["engine"] == "sim"]
+        at_speed = [r for r in mine if r["engine"] == SIM_AT_REPLAY_SPEED]
         reals = [r for r in mine if r["engine"] == "real"]
         row = {"trace": family, "policy": policy, "real_replays": len(reals)}
         for key, name in (("e2e_mean_s", "e2e_mean"), ("ttft_p99_s", "ttft_p99")):
@@ -140,11 +143,15 @@ def simulator_error(runs: list[dict], family: str) -> list[dict]:
             mean = float(np.mean(values))
             row[f"{name}_error"] = abs(sim[key] - mean) / mean
             row[f"{name}_real_spread"] = (max(values) - min(values)) / mean
+            if at_speed:  # the same simulator, its calibration carried to the replays' speed
+                row[f"{name}_error_at_replay_speed"] = abs(at_speed[0][key] - mean) / mean
         errors.append(row)
     return errors
 
 
 def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> dict:
+    from benchmarks.calibrate import probe_speed  # it imports this module
+
     out_dir = Path(args.json).parent
     out_dir.mkdir(parents=True, exist_ok=True)
     runs, errors = [], []
@@ -156,11 +163,15 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
             for repeat in range(args.real_repeats if engine == "real" else 1):
                 results = {}
                 for policy in POLICIES:
-                    speed = matmul_gflops()
+                    speed = {"gflops": matmul_gflops()}
+                    if engine == "real":  # how far the machine has drifted from `cost`
+                        speed["speed_decode"], speed["speed_prefill"] = probe_speed(
+                            args.model, cost
+                        )
                     summary, results[policy] = run_once(
                         trace, policy, engine, settings, cost, args.model, args.learned
                     )
-                    runs.append({"trace": family, "repeat": repeat, "gflops": speed, **summary})
+                    runs.append({"trace": family, "repeat": repeat, **speed, **summary})
                     good = summary["goodput_rps"]
                     print(f"{family} {engine} {policy}: {good:.2f} good/s", flush=True)
                 if repeat == 0:
@@ -168,6 +179,19 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
                     path = out_dir / f"scheduling-{family}-{engine}.png"
                     plot(path, title, results, settings.slo_ttft_s)
         if "real" in engines:
+            # The simulator again, at the speed the probes measured around the real replays.
+            reals = [r for r in runs if r["trace"] == family and r["engine"] == "real"]
+            decode, prefill = (
+                float(np.mean([r[k] for r in reals])) for k in ("speed_decode", "speed_prefill")
+            )
+            scaled = ScaledStepCost(cost, decode, prefill)
+            for policy in POLICIES:
+                summary, _ = run_once(
+                    trace, policy, "sim", settings, scaled, args.model, args.learned
+                )
+                speeds = {"speed_decode": decode, "speed_prefill": prefill}
+                runs.append({"trace": family, "repeat": 0, "gflops": 0.0, **summary,
+                             "engine": SIM_AT_REPLAY_SPEED, **speeds})  # fmt: skip
             errors += simulator_error(runs, family)
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
@@ -215,6 +239,17 @@ def report(results: dict) -> None:
             f"p99 TTFT {e['ttft_p99_error']:.1%} (against the mean of {e['real_replays']} real "
             f"replays, which differ among themselves by {e['e2e_mean_real_spread']:.1%} and "
             f"{e['ttft_p99_real_spread']:.1%})"
+        )
+        if "e2e_mean_error_at_replay_speed" in e:
+            print(
+                f"  at the replays' speed: mean e2e {e['e2e_mean_error_at_replay_speed']:.1%}, "
+                f"p99 TTFT {e['ttft_p99_error_at_replay_speed']:.1%}"
+            )
+    for family in sorted({r["trace"] for r in runs if r["engine"] == SIM_AT_REPLAY_SPEED}):
+        row = next(r for r in runs if r["trace"] == family and r["engine"] == SIM_AT_REPLAY_SPEED)
+        print(
+            f"{family}: the replays ran {row['speed_decode']:.2f}x the calibrated decode step "
+            f"time and {row['speed_prefill']:.2f}x its prefill step time (probes before each)"
         )
     print(f"learned policy decision time: {results['learned_decision_us']:.1f} us per step")
     print(f"load average (1 min) at the end: {results['machine']['load_average_1m']:.2f}")

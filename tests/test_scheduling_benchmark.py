@@ -54,7 +54,7 @@ def test_the_sim_suite_compares_every_policy_on_every_family(tmp_path, capsys):
 
 
 def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spread():
-    from benchmarks.scheduling import simulator_error
+    from benchmarks.scheduling import SIM_AT_REPLAY_SPEED, simulator_error
 
     def run(engine, policy, e2e, ttft, repeat=0):
         return {"trace": "bursty", "engine": engine, "policy": policy, "repeat": repeat,
@@ -63,7 +63,8 @@ def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spre
     runs = []
     for policy in ("fixed", "adaptive", "learned"):
         runs += [run("sim", policy, 2.2, 1.0), run("real", policy, 1.8, 1.0),
-                 run("real", policy, 2.2, 1.5, repeat=1)]  # fmt: skip
+                 run("real", policy, 2.2, 1.5, repeat=1),
+                 run(SIM_AT_REPLAY_SPEED, policy, 2.1, 1.25)]  # fmt: skip
     errors = simulator_error(runs, "bursty")
     assert [e["policy"] for e in errors] == ["fixed", "adaptive", "learned"]
     first = errors[0]
@@ -72,3 +73,8 @@ def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spre
     assert first["ttft_p99_error"] == pytest.approx(0.25 / 1.25)
     assert first["e2e_mean_real_spread"] == pytest.approx(0.4 / 2.0)
     assert first["ttft_p99_real_spread"] == pytest.approx(0.5 / 1.25)
+    # The simulator rerun at the speed the real replays ran, judged the same way.
+    assert first["e2e_mean_error_at_replay_speed"] == pytest.approx(0.1 / 2.0)
+    assert first["ttft_p99_error_at_replay_speed"] == pytest.approx(0.0)
+    without = simulator_error([r for r in runs if r["engine"] != SIM_AT_REPLAY_SPEED], "bursty")
+    assert "e2e_mean_error_at_replay_speed" not in without[0]

@@ -18,9 +18,11 @@ from workers.step_cost import (
     DEFAULT_STEP_COST_PATH,
     NUM_BUCKETS,
     BucketedStepCost,
+    ScaledStepCost,
     StepCostModel,
     StepFeatures,
     seq_bucket,
+    speed_factors,
     step_features,
 )
 
@@ -151,3 +153,28 @@ def test_calibration_fits_the_engines_own_steps(tiny_model):
     assert 0 <= result["held_out_relative_error"] < 1
     assert result["held_out_relative_error"] <= result["held_out_relative_error_linear"] + 0.05
     assert result["held_out_total_error"] < 0.2
+
+
+def test_a_scaled_cost_carries_a_calibration_to_the_speed_of_the_moment():
+    """Decode-only steps and steps with prefill scale apart; the factors measured against a
+    cost already carried to the steps' speed are 1."""
+    line = StepCostModel(a=0.002, b_prefill=1e-5, c_decode=1e-4, d_context=0.0, e_seqs=1e-4)
+    decode = StepFeatures(prefill_tokens=0, decode_tokens=8, context_tokens=800, num_seqs=8)
+    prefill = StepFeatures(prefill_tokens=512, decode_tokens=0, context_tokens=9000, num_seqs=1)
+    steps = [(decode, 1.5 * line.seconds(decode)), (prefill, 1.2 * line.seconds(prefill))]
+    assert speed_factors(line, steps) == pytest.approx((1.5, 1.2))
+    scaled = ScaledStepCost(line, 1.5, 1.2)
+    assert scaled.seconds(decode) == pytest.approx(1.5 * line.seconds(decode))
+    assert speed_factors(scaled, steps) == pytest.approx((1.0, 1.0))
+    assert speed_factors(line, steps[:1]) == pytest.approx((1.5, 1.0))  # no prefill step seen
+
+
+def test_the_speed_probe_times_the_engine_against_a_calibration(tiny_model):
+    """The probe the scheduling suite runs before each real replay: a few seconds of steps
+    on a fresh engine, priced by the calibration, give finite positive factors."""
+    from benchmarks.calibrate import probe_speed
+
+    cost = BucketedStepCost.load(DEFAULT_STEP_COST_PATH)
+    decode, prefill = probe_speed(tiny_model, cost)
+    assert 0 < decode < 100 and 0 < prefill < 100
+    assert decode != 1.0 and prefill != 1.0  # both kinds of step were run and timed

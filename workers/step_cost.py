@@ -198,9 +198,6 @@ class BucketedStepCost:
             raise ValueError(f"{path}: bad residual tables: {e}") from None
 
 
-StepCost = StepCostModel | BucketedStepCost  # what a simulated step is priced by
-
-
 class OnlineStepCost:
     """The same fit, kept up to date from every step a policy sees: exponentially forgotten
     normal equations (of the relative error), solved again every `refit_every` steps."""
@@ -221,3 +218,33 @@ class OnlineStepCost:
         self._count += 1
         if self._count >= len(COEFFICIENTS) * 4 and self._count % self.refit_every == 0:
             self.model = StepCostModel.from_normal_equations(self._xtx, self._xty)
+
+
+@dataclass(frozen=True, slots=True)
+class ScaledStepCost:
+    """A step cost run faster or slower, decode-only steps by `decode` and steps with prefill
+    by `prefill`: a calibration carried to the machine's speed of the moment (a shared
+    machine's drifts by tens of percent within an hour; decode steps, bound by per-step
+    overheads, drift unlike prefill steps, bound by matrix products)."""
+
+    base: StepCost
+    decode: float = 1.0
+    prefill: float = 1.0
+
+    def seconds(self, f: StepFeatures) -> float:
+        return self.base.seconds(f) * (self.prefill if f.prefill_tokens else self.decode)
+
+
+StepCost = StepCostModel | BucketedStepCost | ScaledStepCost  # what a simulated step is priced by
+
+
+def speed_factors(cost: StepCost, steps: list[tuple[StepFeatures, float]]) -> tuple[float, float]:
+    """(decode, prefill): measured over predicted seconds, summed over the steps of each
+    kind; 1.0 for a kind with no steps."""
+    sums = {False: [0.0, 0.0], True: [0.0, 0.0]}
+    for f, seconds in steps:
+        cell = sums[f.prefill_tokens > 0]
+        cell[0] += seconds
+        cell[1] += cost.seconds(f)
+    decode, prefill = ((m / p if p > 0 else 1.0) for m, p in (sums[False], sums[True]))
+    return decode, prefill
