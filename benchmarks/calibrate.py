@@ -79,7 +79,10 @@ def probe_speed(model: str, cost: StepCost, seed: int = 0) -> tuple[float, float
     engine = Engine(EngineConfig(model=model, kv_cache_bytes=256 * 2**20, seed=seed))
     vocab = engine.model_config.vocab_size
     run_steps(engine, vocab, seed, PROBE_SHAPES[:2])  # warm-up: one-off costs of first steps
-    return speed_factors(cost, run_steps(engine, vocab, seed + 1, PROBE_SHAPES))
+    steps = run_steps(engine, vocab, seed + 1, PROBE_SHAPES)
+    if engine.kv.num_free_blocks != engine.kv.pool.num_blocks:  # every request ended: all freed
+        raise RuntimeError("the speed probe left KV blocks held: the pool is not whole")
+    return speed_factors(cost, steps)
 
 
 # (trace family, batching policy): a few seconds of serving-like steps each.

@@ -39,9 +39,9 @@ CONTRACT_KEYS = (
 )  # fmt: skip
 FAMILIES = ("poisson", "diurnal", "bursty", "heavy_tailed", "shared_prefix")
 REAL_FAMILIES = ("bursty", "shared_prefix")
-# Sized for the small preset on two CPU cores: a few hundred tokens a prompt.
 # The simulator rerun with its step cost carried to the speed the real replays ran at.
 SIM_AT_REPLAY_SPEED = "sim_at_replay_speed"
+# Sized for the small preset on two CPU cores: a few hundred tokens a prompt.
 LENGTHS = dict(prompt_tokens=192, output_tokens=48, max_prompt_tokens=1024, max_output_tokens=192)
 
 
@@ -185,11 +185,11 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
                 float(np.mean([r[k] for r in reals])) for k in ("speed_decode", "speed_prefill")
             )
             scaled = ScaledStepCost(cost, decode, prefill)
+            speeds = {"speed_decode": decode, "speed_prefill": prefill}
             for policy in POLICIES:
                 summary, _ = run_once(
                     trace, policy, "sim", settings, scaled, args.model, args.learned
                 )
-                speeds = {"speed_decode": decode, "speed_prefill": prefill}
                 runs.append({"trace": family, "repeat": 0, "gflops": 0.0, **summary,
                              "engine": SIM_AT_REPLAY_SPEED, **speeds})  # fmt: skip
             errors += simulator_error(runs, family)
