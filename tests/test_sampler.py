@@ -313,3 +313,13 @@ def test_non_float32_logits_are_upcast() -> None:
     out = Sampler()(logits, batch, num_logprobs=2)
     assert out.logprobs.dtype == torch.float32
     assert torch.equal(out.token_ids, logits.float().argmax(-1))
+
+
+def test_a_min_p_below_float32s_range_still_filters():
+    """min_p = 7e-66 would round to 0 in float32 and turn the filter off; at temperature
+    0.05 the weaker token lies 157 nats below the top, past log(min_p) = -150."""
+    params = [SamplingParams(temperature=0.05078125, min_p=7.040694555068826e-66)]
+    logits = torch.tensor([[-3.0, 5.0]])
+    assert check_against_reference(logits, params) == 1
+    batch = SamplingBatch.from_params(params, [None], 2)
+    assert kept_sets(logits, batch) == [{1}]

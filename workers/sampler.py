@@ -42,7 +42,7 @@ class SamplingBatch:
     temperatures: Tensor  # [B] float32
     top_k: Tensor  # [B] int64, vocab_size where off
     top_p: Tensor  # [B] float32, 1.0 where off
-    min_p: Tensor  # [B] float32, 0.0 where off
+    min_p: Tensor  # [B] float64, 0.0 where off
     greedy: Tensor  # [B] bool
     generators: list[torch.Generator | None]  # per row; None where unseeded or greedy
     vocab_size: int
@@ -86,7 +86,8 @@ class SamplingBatch:
             temperatures=torch.tensor(temperatures, dtype=torch.float32, device=device),
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device),
-            min_p=torch.tensor(min_p, dtype=torch.float32, device=device),
+            # float64: a min_p below float32's range (1e-45) would round to 0, turning it off.
+            min_p=torch.tensor(min_p, dtype=torch.float64, device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             generators=gens,
             vocab_size=vocab_size,
@@ -157,7 +158,8 @@ def apply_top_k_top_p_min_p(
         masked = logits if top_k is None else logits.masked_fill(logits < kth, _NEG_INF)
         thresholds.append(_top_p_cut(masked, top_p, top_k))
     if min_p is not None:
-        thresholds.append(logits.amax(-1, keepdim=True) + min_p.log().unsqueeze(-1))
+        log_min_p = min_p.log().to(logits.dtype).unsqueeze(-1)
+        thresholds.append(logits.amax(-1, keepdim=True) + log_min_p)
     if not thresholds:
         return logits
     threshold = reduce(torch.maximum, thresholds)
