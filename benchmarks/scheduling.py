@@ -31,7 +31,13 @@ from workers.policy_factory import POLICIES, make_batching_policy
 from workers.replay import ReplayResult, WallClock, replay, summarize
 from workers.request import Request
 from workers.simulator import SimSettings, admission_for, simulate
-from workers.step_cost import DEFAULT_STEP_COST_PATH, BucketedStepCost, ScaledStepCost, StepCost
+from workers.step_cost import (
+    DEFAULT_STEP_COST_PATH,
+    BucketedStepCost,
+    ScaledStepCost,
+    StepCost,
+    speed_factors,
+)
 
 CONTRACT_KEYS = (
     "policy", "engine", "requests", "completed", "rejected", "goodput_rps",
@@ -39,8 +45,11 @@ CONTRACT_KEYS = (
 )  # fmt: skip
 FAMILIES = ("poisson", "diurnal", "bursty", "heavy_tailed", "shared_prefix")
 REAL_FAMILIES = ("bursty", "shared_prefix")
-# The simulator rerun with its step cost carried to the speed the real replays ran at.
+# The simulator rerun once per real replay, its step cost carried to that replay's speed:
+# as a probe measured it just before (a forecast), or as the replay's own steps measured it.
+SIM_AT_PROBE_SPEED = "sim_at_probe_speed"
 SIM_AT_REPLAY_SPEED = "sim_at_replay_speed"
+SPEEDS = {SIM_AT_PROBE_SPEED: "probe_speed", SIM_AT_REPLAY_SPEED: "replay_speed"}
 # Sized for the small preset on two CPU cores: a few hundred tokens a prompt.
 LENGTHS = dict(prompt_tokens=192, output_tokens=48, max_prompt_tokens=1024, max_output_tokens=192)
 
@@ -130,12 +139,12 @@ def plot(path: Path, title: str, results: dict[str, ReplayResult], slo_ttft_s: f
 def simulator_error(runs: list[dict], family: str) -> list[dict]:
     """|sim - real| / real for mean end-to-end latency and p99 TTFT, per policy, `real` being
     the mean over the repeated real replays; beside it their own spread, (max - min) / mean:
-    the real engine's run-to-run noise, below which no simulator can be judged."""
+    the real engine's run-to-run noise, below which no simulator can be judged. The same for
+    each kind of scaled simulator run present, the mean over its runs (one per replay)."""
     errors = []
     for policy in POLICIES:
         mine = [r for r in runs if r["trace"] == family and r["policy"] == policy]
         (sim,) = [r for r in mine if r["engine"] == "sim"]
-        at_speed = [r for r in mine if r["engine"] == SIM_AT_REPLAY_SPEED]
         reals = [r for r in mine if r["engine"] == "real"]
         row = {"trace": family, "policy": policy, "real_replays": len(reals)}
         for key, name in (("e2e_mean_s", "e2e_mean"), ("ttft_p99_s", "ttft_p99")):
@@ -143,10 +152,29 @@ def simulator_error(runs: list[dict], family: str) -> list[dict]:
             mean = float(np.mean(values))
             row[f"{name}_error"] = abs(sim[key] - mean) / mean
             row[f"{name}_real_spread"] = (max(values) - min(values)) / mean
-            if at_speed:  # the same simulator, its calibration carried to the replays' speed
-                row[f"{name}_error_at_replay_speed"] = abs(at_speed[0][key] - mean) / mean
+            for engine, speed in SPEEDS.items():
+                if scaled := [r[key] for r in mine if r["engine"] == engine]:
+                    row[f"{name}_error_at_{speed}"] = abs(float(np.mean(scaled)) - mean) / mean
         errors.append(row)
     return errors
+
+
+def scaled_sims(
+    reals: list[dict], trace: list[TraceRequest], settings: SimSettings, cost: StepCost, args
+) -> list[dict]:
+    """The simulator again for each real replay, at the speed its probe measured and at the
+    speed its own steps ran (decode-only steps and steps with prefill each by their factor)."""
+    runs = []
+    for real in reals:
+        for engine, speed in SPEEDS.items():
+            decode, prefill = real[f"{speed}_decode"], real[f"{speed}_prefill"]
+            scaled = ScaledStepCost(cost, decode, prefill)
+            summary, _ = run_once(trace, real["policy"], "sim", settings, scaled, args.model,
+                                  args.learned)  # fmt: skip
+            runs.append({"trace": real["trace"], "repeat": real["repeat"], "gflops": 0.0,
+                         **summary, "engine": engine, f"{speed}_decode": decode,
+                         f"{speed}_prefill": prefill})  # fmt: skip
+    return runs
 
 
 def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> dict:
@@ -165,12 +193,15 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
                 for policy in POLICIES:
                     speed = {"gflops": matmul_gflops()}
                     if engine == "real":  # how far the machine has drifted from `cost`
-                        speed["speed_decode"], speed["speed_prefill"] = probe_speed(
+                        speed["probe_speed_decode"], speed["probe_speed_prefill"] = probe_speed(
                             args.model, cost
                         )
                     summary, results[policy] = run_once(
                         trace, policy, engine, settings, cost, args.model, args.learned
                     )
+                    if engine == "real":  # and how far it was, over the replay's own steps
+                        own = speed_factors(cost, results[policy].steps)
+                        speed["replay_speed_decode"], speed["replay_speed_prefill"] = own
                     runs.append({"trace": family, "repeat": repeat, **speed, **summary})
                     good = summary["goodput_rps"]
                     print(f"{family} {engine} {policy}: {good:.2f} good/s", flush=True)
@@ -179,19 +210,8 @@ def suite(args: argparse.Namespace, settings: SimSettings, cost: StepCost) -> di
                     path = out_dir / f"scheduling-{family}-{engine}.png"
                     plot(path, title, results, settings.slo_ttft_s)
         if "real" in engines:
-            # The simulator again, at the speed the probes measured around the real replays.
             reals = [r for r in runs if r["trace"] == family and r["engine"] == "real"]
-            decode, prefill = (
-                float(np.mean([r[k] for r in reals])) for k in ("speed_decode", "speed_prefill")
-            )
-            scaled = ScaledStepCost(cost, decode, prefill)
-            speeds = {"speed_decode": decode, "speed_prefill": prefill}
-            for policy in POLICIES:
-                summary, _ = run_once(
-                    trace, policy, "sim", settings, scaled, args.model, args.learned
-                )
-                runs.append({"trace": family, "repeat": 0, "gflops": 0.0, **summary,
-                             "engine": SIM_AT_REPLAY_SPEED, **speeds})  # fmt: skip
+            runs += scaled_sims(reals, trace, settings, cost, args)
             errors += simulator_error(runs, family)
     return {
         "settings": {k: v for k, v in vars(args).items() if k != "func"},
@@ -240,17 +260,21 @@ def report(results: dict) -> None:
             f"replays, which differ among themselves by {e['e2e_mean_real_spread']:.1%} and "
             f"{e['ttft_p99_real_spread']:.1%})"
         )
-        if "e2e_mean_error_at_replay_speed" in e:
+        for speed, how in (("probe_speed", "probed before each replay"),
+                           ("replay_speed", "measured in each replay's own steps")):  # fmt: skip
+            if f"e2e_mean_error_at_{speed}" in e:
+                print(
+                    f"  at the speed {how}: mean e2e {e[f'e2e_mean_error_at_{speed}']:.1%}, "
+                    f"p99 TTFT {e[f'ttft_p99_error_at_{speed}']:.1%}"
+                )
+    for r in runs:
+        if r["engine"] == "real":
             print(
-                f"  at the replays' speed: mean e2e {e['e2e_mean_error_at_replay_speed']:.1%}, "
-                f"p99 TTFT {e['ttft_p99_error_at_replay_speed']:.1%}"
+                f"{r['trace']} {r['policy']} replay {r['repeat'] + 1}: decode and prefill steps "
+                f"ran {r['probe_speed_decode']:.2f}x and {r['probe_speed_prefill']:.2f}x the "
+                f"calibration in the probe before, {r['replay_speed_decode']:.2f}x and "
+                f"{r['replay_speed_prefill']:.2f}x in the replay"
             )
-    for family in sorted({r["trace"] for r in runs if r["engine"] == SIM_AT_REPLAY_SPEED}):
-        row = next(r for r in runs if r["trace"] == family and r["engine"] == SIM_AT_REPLAY_SPEED)
-        print(
-            f"{family}: the replays ran {row['speed_decode']:.2f}x the calibrated decode step "
-            f"time and {row['speed_prefill']:.2f}x its prefill step time (probes before each)"
-        )
     print(f"learned policy decision time: {results['learned_decision_us']:.1f} us per step")
     print(f"load average (1 min) at the end: {results['machine']['load_average_1m']:.2f}")
 

@@ -12,6 +12,7 @@ import pytest
 from benchmarks.scheduling import CONTRACT_KEYS, main
 from benchmarks.traces import generate
 from kvstore.trace import write_trace
+from workers.step_cost import DEFAULT_STEP_COST_PATH
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_the_sim_suite_compares_every_policy_on_every_family(tmp_path, capsys):
 
 
 def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spread():
-    from benchmarks.scheduling import SIM_AT_REPLAY_SPEED, simulator_error
+    from benchmarks.scheduling import SIM_AT_PROBE_SPEED, SIM_AT_REPLAY_SPEED, simulator_error
 
     def run(engine, policy, e2e, ttft, repeat=0):
         return {"trace": "bursty", "engine": engine, "policy": policy, "repeat": repeat,
@@ -64,7 +65,9 @@ def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spre
     for policy in ("fixed", "adaptive", "learned"):
         runs += [run("sim", policy, 2.2, 1.0), run("real", policy, 1.8, 1.0),
                  run("real", policy, 2.2, 1.5, repeat=1),
-                 run(SIM_AT_REPLAY_SPEED, policy, 2.1, 1.25)]  # fmt: skip
+                 run(SIM_AT_PROBE_SPEED, policy, 2.1, 1.25),
+                 run(SIM_AT_REPLAY_SPEED, policy, 1.9, 1.2),
+                 run(SIM_AT_REPLAY_SPEED, policy, 2.1, 1.3, repeat=1)]  # fmt: skip
     errors = simulator_error(runs, "bursty")
     assert [e["policy"] for e in errors] == ["fixed", "adaptive", "learned"]
     first = errors[0]
@@ -73,8 +76,34 @@ def test_simulator_error_is_against_the_mean_of_the_real_replays_with_their_spre
     assert first["ttft_p99_error"] == pytest.approx(0.25 / 1.25)
     assert first["e2e_mean_real_spread"] == pytest.approx(0.4 / 2.0)
     assert first["ttft_p99_real_spread"] == pytest.approx(0.5 / 1.25)
-    # The simulator rerun at the speed the real replays ran, judged the same way.
-    assert first["e2e_mean_error_at_replay_speed"] == pytest.approx(0.1 / 2.0)
+    # The simulator rerun at each replay's speed, judged the same way: the mean of its runs.
+    assert first["e2e_mean_error_at_probe_speed"] == pytest.approx(0.1 / 2.0)
+    assert first["ttft_p99_error_at_probe_speed"] == pytest.approx(0.0)
+    assert first["e2e_mean_error_at_replay_speed"] == pytest.approx(0.0)
     assert first["ttft_p99_error_at_replay_speed"] == pytest.approx(0.0)
-    without = simulator_error([r for r in runs if r["engine"] != SIM_AT_REPLAY_SPEED], "bursty")
-    assert "e2e_mean_error_at_replay_speed" not in without[0]
+    without = simulator_error([r for r in runs if r["engine"] != SIM_AT_PROBE_SPEED], "bursty")
+    assert "e2e_mean_error_at_probe_speed" not in without[0]
+    assert "e2e_mean_error_at_replay_speed" in without[0]
+
+
+def test_scaled_sims_run_each_replay_at_its_own_speeds(tiny_model):
+    from argparse import Namespace
+
+    from benchmarks.scheduling import SIM_AT_PROBE_SPEED, SIM_AT_REPLAY_SPEED, scaled_sims
+    from workers.simulator import SimSettings
+    from workers.step_cost import BucketedStepCost
+
+    trace = generate("bursty", 6.0, 12.0, seed=4, prompt_tokens=64, output_tokens=8,
+                     max_prompt_tokens=256, max_output_tokens=24)  # fmt: skip
+    cost = BucketedStepCost.load(DEFAULT_STEP_COST_PATH)
+    real = {"trace": "bursty", "policy": "fixed", "repeat": 1,
+            "probe_speed_decode": 1.0, "probe_speed_prefill": 1.0,
+            "replay_speed_decode": 3.0, "replay_speed_prefill": 2.0}  # fmt: skip
+    args = Namespace(model=tiny_model, learned=None)
+    probe, own = scaled_sims([real], trace, SimSettings(), cost, args)
+    assert (probe["engine"], own["engine"]) == (SIM_AT_PROBE_SPEED, SIM_AT_REPLAY_SPEED)
+    assert {probe["repeat"], own["repeat"], probe["policy"]} == {1, "fixed"}
+    assert (own["replay_speed_decode"], own["replay_speed_prefill"]) == (3.0, 2.0)
+    # The same trace on a machine two to three times slower: every request takes longer.
+    assert own["e2e_mean_s"] > 1.8 * probe["e2e_mean_s"]
+    assert own["requests"] == probe["requests"] == len(trace)
